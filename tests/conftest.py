@@ -1,0 +1,47 @@
+"""Shared test fixtures: where the reference spec lives, and the recorded reference outputs.
+
+The spec folder (``../shared/spec`` beside the checkout, or ``$SD_SPEC_DIR``) holds the key
+manifests of the official checkpoints and the tiny reference fixture; see its README.md.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "tests" / "configs" / "v1-tiny.yaml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _spec_dir() -> Path:
+    env = os.environ.get("SD_SPEC_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "spec"
+
+
+SPEC_DIR = _spec_dir()
+FIXTURES = SPEC_DIR / "fixtures"
+TINY_CKPT = FIXTURES / "sd-v1-tiny-random.ckpt"
+PARITY = FIXTURES / "sd-v1-tiny-parity.pt"
+
+
+@pytest.fixture(scope="session")
+def spec_dir() -> Path:
+    if not SPEC_DIR.is_dir():
+        pytest.fail(f"reference spec not found at {SPEC_DIR}; set SD_SPEC_DIR to the shared/spec folder")
+    return SPEC_DIR
+
+
+@pytest.fixture(scope="session")
+def parity(spec_dir) -> dict:
+    """Every input and output the reference recorded on the tiny random model."""
+    return torch.load(PARITY, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(spec_dir) -> Path:
+    return TINY_CKPT
