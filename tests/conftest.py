@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "tests" / "configs" / "v1-tiny.yaml"
+from tests.helpers import REPO, TINY_CONFIG  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

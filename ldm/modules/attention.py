@@ -1,0 +1,169 @@
+"""Cross-attention transformer of the Stable Diffusion UNet (``SpatialTransformer``).
+
+Attention runs through :func:`attention`, one place for the math: PyTorch's
+``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU, exact math on CPU),
+optionally in query slices to bound peak memory on small cards.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+
+# Number of query positions per attention call; None = all at once. Set by
+# :func:`set_attention_slicing` (a memory/speed trade-off for small GPUs; same numbers).
+_SLICE_SIZE: Optional[int] = None
+
+
+def set_attention_slicing(slice_size: Optional[int]) -> None:
+    """Compute attention in chunks of ``slice_size`` query positions (``None`` turns it off)."""
+    global _SLICE_SIZE
+    if slice_size is not None and slice_size < 1:
+        raise ValueError(f"attention slice size must be >= 1 or None, got {slice_size}")
+    _SLICE_SIZE = slice_size
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v over the last two dims.
+
+    :param q: [..., Nq, d]; ``k``, ``v``: [..., Nk, d].
+    :param scale: defaults to d^-0.5.
+    :returns: [..., Nq, d].
+    """
+    if _SLICE_SIZE is None or q.shape[-2] <= _SLICE_SIZE:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.cat([F.scaled_dot_product_attention(q[..., i:i + _SLICE_SIZE, :], k, v, scale=scale)
+                      for i in range(0, q.shape[-2], _SLICE_SIZE)], dim=-2)
+
+
+class GEGLU(nn.Module):
+    """Linear(dim_in, 2·dim_out) split in halves [a, g]; returns a·GELU(g) (exact erf GELU)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dim_out: Optional[int] = None, mult: int = 4, glu: bool = False, dropout: float = 0.):
+        super().__init__()
+        inner_dim = int(dim * mult)
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out or dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` [B, N, query_dim] over ``context`` [B, M, context_dim]
+    (over ``x`` itself when context is None). q/k/v without bias, output projection with bias."""
+
+    def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8,
+                 dim_head: int = 64, dropout: float = 0.):
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = context_dim or query_dim
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
+        if mask is not None:
+            raise NotImplementedError("attention masks are not used by any Stable Diffusion model")
+        context = x if context is None else context
+        b, h = x.shape[0], self.heads
+        # [B, N, h·d] -> [B, h, N, d]
+        q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = attention(q, k, v, scale=self.scale)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]))
+
+
+class BasicTransformerBlock(nn.Module):
+    """x += attn1(LN1 x) (self); x += attn2(LN2 x, context) (cross); x += FF(LN3 x)."""
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0., context_dim: Optional[int] = None,
+                 gated_ff: bool = True, checkpoint: bool = True, disable_self_attn: bool = False):
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout,
+                                    context_dim=context_dim if disable_self_attn else None)
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
+
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+        x = x + self.attn2(self.norm2(x), context=context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H·W positions of an image feature map, conditioned on ``context``.
+
+    x → GroupNorm(32, eps 1e-6) → proj_in → (B, H·W, C) → blocks → proj_out → + x.
+    proj_in/proj_out are 1x1 convs (SD 1) or Linear layers applied after the reshape
+    (``use_linear=True``, SD 2).
+    """
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.,
+                 context_dim=None, disable_self_attn: bool = False, use_linear: bool = False,
+                 use_checkpoint: bool = True):
+        super().__init__()
+        if context_dim is not None and not isinstance(context_dim, (list, tuple)):
+            context_dim = [context_dim] * depth
+        self.in_channels = in_channels
+        inner_dim = n_heads * d_head
+        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout,
+                                  context_dim=None if context_dim is None else context_dim[d],
+                                  disable_self_attn=disable_self_attn, checkpoint=use_checkpoint)
+            for d in range(depth)])
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
+        self.use_linear = use_linear
+
+    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        if not isinstance(context, list):
+            context = [context]
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H·W, C]
+        if self.use_linear:
+            x = self.proj_in(x)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, context=context[min(i, len(context) - 1)])
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
