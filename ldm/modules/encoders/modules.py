@@ -1,0 +1,222 @@
+"""Conditioning encoders named by the configs (``cond_stage_config.target``).
+
+``FrozenCLIPEmbedder`` is the SD v1 text encoder: the CLIP ViT-L/14 tokenizer and text tower, built
+offline from the files bundled in ``clip-vit-large-patch14/``; its weights come from the SD
+checkpoint (``cond_stage_model.transformer.text_model.*``). The other class names of the reference
+module are kept so that configs naming them fail with a clear message instead of an import error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.encoders.clip import CLIPTextConfig, CLIPTextModel
+from ldm.modules.encoders.tokenizer import BUNDLED_TOKENIZER_DIR, CLIPTokenizer, TokenizedBatch
+
+log = logging.getLogger(__name__)
+
+CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
+
+
+class AbstractEncoder(nn.Module):
+    """Base class of the conditioning encoders: ``encode(x)`` gives the conditioning tensor."""
+
+    def encode(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
+
+
+class ClassEmbedder(nn.Module):
+    """Class-conditional embedding: ``batch[key]`` (``[B]`` int64 labels) -> ``[B, 1, embed_dim]``."""
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class"):
+        super().__init__()
+        self.key = key
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(self, batch: Mapping[str, torch.Tensor], key: str | None = None) -> torch.Tensor:
+        labels = batch[key or self.key]
+        return self.embedding(labels[:, None].to(self.embedding.weight.device))
+
+
+class SpatialRescaler(nn.Module):
+    """Resize an image ``n_stages`` times by ``multiplier`` and optionally map channels with a 1x1 conv.
+
+    :param method: an ``F.interpolate`` mode.
+    """
+
+    METHODS = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
+
+    def __init__(self, n_stages: int = 1, method: str = "bilinear", multiplier: float = 0.5, in_channels: int = 3,
+                 out_channels: int | None = None, bias: bool = False):
+        super().__init__()
+        if n_stages < 0:
+            raise ValueError(f"n_stages must be >= 0, got {n_stages}")
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        self.n_stages = n_stages
+        self.multiplier = multiplier
+        self.interpolator = partial(F.interpolate, mode=method)
+        self.remap_output = out_channels is not None
+        if self.remap_output:
+            self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.n_stages):
+            x = self.interpolator(x, scale_factor=self.multiplier)
+        return self.channel_mapper(x) if self.remap_output else x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
+def resolve_clip_folder(version: str | Path) -> Path:
+    """Folder holding the tokenizer files (and optionally ``config.json``) for ``version``.
+
+    ``"openai/clip-vit-large-patch14"`` means the files bundled with this package; any other value
+    must be a local folder (e.g. a downloaded copy of that repository). Nothing is downloaded.
+    """
+    if str(version) == CLIP_VIT_L14:
+        return BUNDLED_TOKENIZER_DIR
+    path = Path(version).expanduser()
+    if path.is_dir():
+        return path
+    raise ValueError(
+        f"FrozenCLIPEmbedder version {str(version)!r} is neither {CLIP_VIT_L14!r} (bundled) nor a local folder "
+        "with vocab.json and merges.txt; nothing is downloaded at run time"
+    )
+
+
+def load_clip_text_config(folder: Path) -> CLIPTextConfig:
+    """The text config in ``folder/config.json`` (a flat text config or a full CLIP config with a
+    ``text_config`` section); ViT-L/14 when the folder has none."""
+    path = folder / "config.json"
+    if not path.is_file():
+        log.info("%s has no config.json; using the CLIP ViT-L/14 text config", folder)
+        return CLIPTextConfig()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return CLIPTextConfig.from_hf_dict(data.get("text_config", data))
+
+
+class FrozenCLIPEmbedder(AbstractEncoder):
+    """CLIP text encoder (SD v1): prompts -> ``[B, 77, D]`` token features.
+
+    :param version: ``"openai/clip-vit-large-patch14"`` (bundled tokenizer and config) or a local
+        folder with ``vocab.json``, ``merges.txt`` and optionally ``config.json``. Only the
+        tokenizer and the architecture come from here; weights come from the SD checkpoint.
+    :param device: accepted for config compatibility and not used: token ids are put on the
+        device of the weights (move the module with ``.to()``).
+    :param max_length: token length, 77 for every released model.
+    :param freeze: set eval mode and ``requires_grad=False`` (the reference always froze it).
+    :param layer: ``"last"``: ``last_hidden_state`` after ``final_layer_norm`` (SD v1);
+        ``"hidden"``: ``hidden_states[layer_idx]`` without the final norm (0 = embeddings,
+        i = after layer i, -2 = penultimate); ``"pooled"``: the EOS token's final state, ``[B, 1, D]``.
+    :param text_config: overrides of the text architecture, HF ``CLIPTextConfig`` field names
+        (e.g. ``{"hidden_size": 32, "num_hidden_layers": 2}`` for a toy model).
+    """
+
+    LAYERS = ("last", "pooled", "hidden")
+
+    def __init__(self, version: str = CLIP_VIT_L14, device: Any = None, max_length: int = 77, freeze: bool = True,
+                 layer: str = "last", layer_idx: int | None = None, text_config: Mapping[str, Any] | None = None):
+        super().__init__()
+        folder = resolve_clip_folder(version)
+        config = load_clip_text_config(folder)
+        if text_config:
+            config = CLIPTextConfig.from_dict({**vars(config), **dict(text_config)})
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        if layer == "hidden":
+            n = config.num_hidden_layers
+            if layer_idx is None or not -(n + 1) <= layer_idx <= n:
+                raise ValueError(f"layer='hidden' needs layer_idx in [{-(n + 1)}, {n}], got {layer_idx}")
+        if not 2 <= max_length <= config.max_position_embeddings:
+            raise ValueError(f"max_length must be in [2, {config.max_position_embeddings}], got {max_length}")
+        self.tokenizer = CLIPTokenizer.from_folder(folder, model_max_length=max_length)
+        self.transformer = CLIPTextModel(config)
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        if freeze:
+            self.freeze()
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients (the encoder is never trained here)."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.text_model.embeddings.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.text_model.embeddings.token_embedding.weight.dtype
+
+    def tokenize(self, text: str | list[str]) -> TokenizedBatch:
+        """Token ids ``[B, max_length]`` plus, per prompt, the words truncation dropped."""
+        return self.tokenizer(text, max_length=self.max_length)
+
+    def forward(self, text: str | list[str]) -> torch.Tensor:
+        """:param text: a prompt or a list of B prompts.
+        :returns: ``[B, max_length, D]`` (``[B, 1, D]`` for ``layer="pooled"``), dtype of the weights."""
+        tokens = self.tokenize(text).input_ids.to(self.device)
+        out = self.transformer(tokens)
+        if self.layer == "last":
+            return out.last_hidden_state
+        if self.layer == "pooled":
+            return out.pooler_output[:, None, :]
+        return out.hidden_states[self.layer_idx]
+
+    def encode(self, text: str | list[str]) -> torch.Tensor:
+        return self(text)
+
+
+class _NotProvided(AbstractEncoder):
+    """A class name of the reference kept so that configs naming it fail clearly."""
+
+    missing = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        raise NotImplementedError(f"{type(self).__name__} is not implemented in this package: {self.missing}")
+
+
+class TransformerEmbedder(_NotProvided):
+    missing = "it needs the x-transformers encoder (ldm.modules.x_transformer), which this package does not include"
+
+
+class BERTTokenizer(_NotProvided):
+    missing = "it needs the bert-base-uncased tokenizer files, which this package does not bundle"
+
+
+class BERTEmbedder(_NotProvided):
+    missing = ("the LDM txt2img-1p4B text encoder needs the bert-base-uncased tokenizer and the x-transformers "
+               "encoder (ldm.modules.x_transformer), neither of which this package includes")
+
+
+class FrozenCLIPTextEmbedder(_NotProvided):
+    missing = "it wraps OpenAI's `clip` package (encode_text with a projection); use FrozenCLIPEmbedder for SD v1"
+
+
+class FrozenClipImageEmbedder(_NotProvided):
+    missing = "it wraps OpenAI's `clip` package and kornia for image conditioning"
+
+
+class FrozenOpenCLIPEmbedder(_NotProvided):
+    missing = "the SD 2 OpenCLIP ViT-H/14 text encoder (cond_stage_model.model.*) is not written yet"
+
+
+class FrozenT5Embedder(_NotProvided):
+    missing = "it needs a T5 encoder and tokenizer, which this package does not include"
+
+
+class FrozenCLIPT5Encoder(_NotProvided):
+    missing = "it needs a T5 encoder and tokenizer, which this package does not include"
