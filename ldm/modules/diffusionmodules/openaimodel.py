@@ -7,6 +7,7 @@ Two attention flavours, chosen by the config: ``SpatialTransformer`` cross-atten
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from ldm.modules.attention import SpatialTransformer, attention
 from ldm.modules.diffusionmodules.util import (avg_pool_nd, checkpoint, conv_nd, linear, normalization,
                                                timestep_embedding, zero_module)
+
+logger = logging.getLogger(__name__)
 
 
 class TimestepBlock(nn.Module):
@@ -209,7 +212,12 @@ class UNetModel(nn.Module):
     ``use_fp16`` is accepted for config compatibility: the compute dtype is the weights' dtype.
 
     ``forward(x [B, in_channels, H, W], timesteps [B] int or float, context [B, M, context_dim])``
-    returns ``[B, out_channels, H, W]``. H and W must be multiples of 2**(len(channel_mult)-1).
+    returns ``[B, out_channels, H, W]`` (contiguous). H and W must be multiples of
+    2**(len(channel_mult)-1).
+
+    Speed options (same numbers up to float rounding): ``unet.to(memory_format=torch.channels_last)``
+    runs the activations in channels_last; :func:`compile_unet` compiles the forward; on the CPU
+    the convolutions reuse prepacked weights (:func:`ldm.modules.diffusionmodules.util.set_conv_prepacking`).
     """
 
     def __init__(self, image_size, in_channels: int, model_channels: int, out_channels: int,
@@ -348,6 +356,8 @@ class UNetModel(nn.Module):
             context = [c.to(dtype) for c in context] if isinstance(context, list) else context.to(dtype)
 
         h = x.to(dtype)
+        if self._channels_last():
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -356,5 +366,40 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         if self.predict_codebook_ids:
-            return self.id_predictor(h)
-        return self.out(h).to(x.dtype)
+            return self.id_predictor(h).contiguous()
+        return self.out(h).to(x.dtype).contiguous()
+
+    def _channels_last(self) -> bool:
+        """Whether the weights were put in channels_last (``unet.to(memory_format=torch.channels_last)``):
+        then activations run in that layout too."""
+        w = self.input_blocks[0][0].weight
+        return w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def compile_unet(model: nn.Module, *, mode: Optional[str] = None, dynamic: bool = False,
+                 freezing: bool = False) -> nn.Module:
+    """Compile the UNet's forward with ``torch.compile``, in place, and return ``model``.
+
+    :param model: a :class:`UNetModel` or a diffusion model holding one at ``.model.diffusion_model``.
+    :param mode: ``torch.compile`` mode (``None``, ``"max-autotune"``, ...).
+    :param dynamic: compile for varying shapes (otherwise a new shape recompiles).
+    :param freezing: inductor's weight freezing (CPU: prepacked weights, constant folding). The
+        weights are then baked into the compiled code: later changes (another checkpoint,
+        ``ema_scope``) are not seen until the model is compiled again. Inference only.
+    :returns: ``model``; the module tree and the state_dict keys are unchanged (``nn.Module.compile``).
+
+    No-op safe: calling it again does nothing, and where ``torch.compile`` is missing it logs a
+    warning and leaves the model eager. Compilation happens at the first call (minutes on a CPU);
+    a failure there raises, as ``torch.compile`` does.
+    """
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    unet = diffusion_model if isinstance(diffusion_model, UNetModel) else model
+    if not isinstance(unet, UNetModel):
+        raise TypeError(f"compile_unet needs a UNetModel or a model with .model.diffusion_model; got {type(model).__name__}")
+    if not callable(getattr(torch, "compile", None)) or not callable(getattr(unet, "compile", None)):
+        logger.warning("torch.compile is not available in torch %s; the UNet stays eager", torch.__version__)
+        return model
+    if getattr(unet, "_compiled_call_impl", None) is not None:
+        return model
+    unet.compile(mode=mode, dynamic=dynamic, options={"freezing": True} if freezing else None)
+    return model

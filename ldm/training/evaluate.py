@@ -1,0 +1,111 @@
+"""Accuracy of a text-to-image model of the shapes dataset: generate one image per caption with
+one of the project's samplers and read each back with :func:`ldm.data.shapes.check`.
+
+Usage::
+
+    python -m ldm.training.evaluate --config configs/demo/demo-txt2img.yaml \
+        --ckpt models/demo/demo.safetensors --sampler ddim --steps 50 --scale 7.5 --split train
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "plms", "dpm")
+
+
+def make_sampler(name: str, model):
+    """The project's sampler called ``name`` (ddim, plms, dpm) for ``model``."""
+    if name == "ddim":
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        return DDIMSampler(model)
+    if name == "plms":
+        from ldm.models.diffusion.plms import PLMSSampler
+
+        return PLMSSampler(model)
+    if name == "dpm":
+        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+
+        return DPMSolverSampler(model)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[str], sampler: str = "ddim", steps: int = 50, scale: float = 7.5,
+             seed: int = 0, batch_size: int = 64, height: int = 64, width: int = 64) -> np.ndarray:
+    """Images for ``prompts``: uint8 ``[N, H, W, 3]``. Image ``i`` uses the start noise of a CPU
+    generator seeded ``seed + i`` (independent of the batch size)."""
+    f = model.first_stage_model.downsample_factor
+    shape = (model.channels, height // f, width // f)
+    s = make_sampler(sampler, model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        c = model.get_learned_conditioning(chunk)
+        uc = model.get_learned_conditioning([""] * len(chunk)) if scale != 1.0 else None
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        z, _ = s.sample(S=steps, batch_size=len(chunk), shape=shape, conditioning=c, verbose=False,
+                        unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=0.0, generator=gens)
+        x = model.decode_first_stage(z).clamp(-1, 1)
+        out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate(model, split: str = "train", sampler: str = "ddim", steps: int = 50, scale: float = 7.5,
+             per_combo: int = 1, seed: int = 0, batch_size: int = 64) -> dict:
+    """Agreement (fractions in [0, 1], keys of :func:`ldm.data.shapes.check`) over
+    ``per_combo`` images of every combination of ``split`` (``train`` or ``heldout``)."""
+    from ldm.data.shapes import HELDOUT_COMBOS, TRAIN_COMBOS, agreement, caption
+
+    combos = {"train": TRAIN_COMBOS, "heldout": HELDOUT_COMBOS}[split]
+    prompts = [caption(c) for c in combos for _ in range(per_combo)]
+    t = time.time()
+    images = generate(model, prompts, sampler, steps, scale, seed, batch_size)
+    result = agreement(list(images), prompts)
+    result.update(n=len(prompts), seconds=round(time.time() - t, 1), split=split, sampler=sampler, steps=steps,
+                  scale=scale)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description="Accuracy of a shapes text-to-image model (ldm.data.shapes.check).")
+    p.add_argument("--config", required=True)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--sampler", choices=SAMPLERS, nargs="+", default=["ddim"])
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="steps per sampler (default 50 for ddim/plms, 20 for dpm)")
+    p.add_argument("--scale", type=float, nargs="+", default=[7.5])
+    p.add_argument("--split", choices=("train", "heldout"), nargs="+", default=["train"])
+    p.add_argument("--per-combo", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--use-ema", choices=("auto", "yes", "no"), default="auto")
+    opt = p.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+
+    use_ema = {"auto": None, "yes": True, "no": False}[opt.use_ema]
+    model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, use_ema=use_ema)
+    default_steps = {"ddim": 50, "plms": 50, "dpm": 20}
+    for i, sampler in enumerate(opt.sampler):
+        steps = opt.steps[i] if opt.steps else default_steps[sampler]
+        for split in opt.split:
+            for scale in opt.scale:
+                r = evaluate(model, split, sampler, steps, scale, opt.per_combo, opt.seed)
+                print(json.dumps(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Make variations of an input image guided by a text prompt (SDEdit) with a Stable Diffusion checkpoint.
+
+The init image (any format and colour mode PIL reads) is scaled down to sides that are multiples
+of 32, as the original script did (it says so when it resizes); --keep_size only rounds down to a
+multiple of 8, and --W/--H resize it to exactly that size. It is encoded, noised to the level
+--strength gives and denoised over the last int(strength * steps) steps: 1.0 ignores its
+content, 0.0 returns it (re-encoded). Every sampler works.
+
+Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
+its generation parameters (incl. "Denoising strength") and the invisible watermark. Image k of
+the run uses seed + k: re-make one alone with --seed <its seed> --n_samples 1 --n_iter 1.
+
+Example:
+  python scripts/img2img.py --prompt "a fantasy landscape, trending on artstation" --init-img sketch.jpg --strength 0.8
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ldm import cli  # noqa: E402  (light: no torch at import)
+
+RESIZE_MULTIPLE = 32  # what the original img2img.py rounded init images down to
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__)
+    cli.add_prompt_args(parser)
+    parser.add_argument("--init-img", dest="init_img", type=str, nargs="?", default=None,
+                        help="path to the input image")
+    cli.add_output_args(parser, "outputs/img2img-samples")
+    cli.add_sampling_args(parser, steps=50, scale=5.0, n_samples=2, n_iter=1)
+    parser.add_argument("--strength", type=float, default=0.75,
+                        help="how much of the init image is replaced, in [0, 1]: 1.0 destroys all of its "
+                             "information")
+    parser.add_argument("--keep_size", action="store_true",
+                        help=f"round the init image's size down to a multiple of 8 instead of {RESIZE_MULTIPLE}")
+    cli.add_size_args(parser, default=None, help_extra=" to resize the init image to (a multiple of 8; "
+                                                       "default: the init image's own size, rounded down)")
+    cli.add_model_args(parser)
+    cli.add_safety_args(parser)
+    return parser
+
+
+def load_init_image(opt, factor: int):
+    """The init image, resized as the options say (and logged when it is)."""
+    from PIL import Image
+
+    from ldm.image_io import load_image, resize_to_multiple
+
+    image = load_image(opt.init_img)
+    if opt.W is not None or opt.H is not None:
+        size = (opt.W or image.width, opt.H or image.height)
+        if size != image.size:
+            cli.log.info("resizing the init image from %dx%d to %dx%d (--W/--H)", *image.size, *size)
+            image = image.resize(size, resample=Image.Resampling.LANCZOS)
+    return resize_to_multiple(image, factor if opt.keep_size else max(RESIZE_MULTIPLE, factor))
+
+
+def run(opt) -> None:
+    # -- every check, before any model is loaded
+    if not opt.init_img:
+        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    if not 0.0 <= opt.strength <= 1.0:
+        raise cli.UserInputError(f"--strength {opt.strength} is outside [0, 1]; pass a value such as 0.75")
+    sampler = cli.resolve_sampler(opt)
+    eta = cli.sampler_eta(opt, sampler)
+    cli.check_batch_args(opt, sampler)
+    config, geometry = cli.check_model(opt.config, opt.ckpt, ("txt2img",), "img2img")
+    cli.check_geometry(opt, geometry)
+    if opt.strength > 0:
+        from ldm.models.diffusion.sampling import start_step_for_strength
+
+        start_step_for_strength(opt.steps, opt.strength)  # strength * steps must run at least one step
+    prompts = cli.read_prompts(opt)
+    init_image = load_init_image(opt, geometry.factor)
+    outdir = cli.check_outdir(opt.outdir)
+    cli.check_watermark_available()
+    data = cli.prompt_batches(opt, prompts)
+    checker_folder, safety_status = cli.safety_plan(opt, config)
+
+    # -- the run
+    from ldm.generate import ImageWriter
+
+    sd = cli.load_pipeline(opt, config, checker_folder, safety_status)
+    writer = ImageWriter(outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
+
+    def make_batch(batch_prompts, first_seed):
+        return sd.img2img(batch_prompts, init_image, first_seed, strength=opt.strength,
+                          negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=sampler, scale=opt.scale,
+                          eta=eta)
+
+    cli.generate_all(opt, data, make_batch, writer)
+
+
+def main(argv=None) -> int:
+    return cli.run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Reproduce the bundled demo model on a CPU: the two-stage recipe of the original toolkit.
+#   1. train the autoencoder (configs/demo/demo-autoencoder.yaml): VAE_STEPS steps on 32x32
+#      images (4x cheaper), then VAE_STEPS_64 more at the model's 64x64 (resuming the same run)
+#   2. train the latent diffusion model on the frozen autoencoder (configs/demo/demo-ldm.yaml)
+#   3. export the EMA weights (float16, 14 MB) + inference config to models/demo/demo.safetensors
+#      and configs/demo/demo-txt2img.yaml
+# Usage (from anywhere):  scripts/train_demo.sh
+# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (400), LDM_STEPS (1500), SEED (23),
+#   OUT (models/demo/demo.safetensors), OUT_CONFIG (configs/demo/demo-txt2img.yaml).
+# Everything runs offline; see docs/demo-model.md for settings and timings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+LOGDIR=${LOGDIR:-logs}
+VAE_STEPS=${VAE_STEPS:-2000}
+VAE_STEPS_64=${VAE_STEPS_64:-400}
+LDM_STEPS=${LDM_STEPS:-1500}
+SEED=${SEED:-23}
+OUT=${OUT:-models/demo/demo.safetensors}
+OUT_CONFIG=${OUT_CONFIG:-configs/demo/demo-txt2img.yaml}
+# Two threads that sleep instead of spinning while they wait: on a small shared CPU, spinning
+# OpenMP threads slow training several times over when other processes run.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
+if [ -e "$OUT" ]; then
+    echo "error: $OUT exists; move it away or set OUT=another/path.safetensors" >&2
+    exit 2
+fi
+t0=$(date +%s)
+
+"$PYTHON" main.py --base configs/demo/demo-autoencoder.yaml -t --name demo-vae --logdir "$LOGDIR" \
+    --seed "$SEED" --max_steps "$VAE_STEPS"
+vae_run=$(ls -td "$LOGDIR"/*_demo-vae | head -n 1)
+"$PYTHON" main.py --resume "$vae_run" -t --seed "$SEED" \
+    data.params.train.params.size=64 data.params.batch_size=8 \
+    "lightning.trainer.max_steps=$((VAE_STEPS + VAE_STEPS_64))" lightning.trainer.val_check_interval=200
+t1=$(date +%s)
+echo "autoencoder: $vae_run ($((t1 - t0)) s)"
+
+"$PYTHON" main.py --base configs/demo/demo-ldm.yaml -t --name demo-ldm --logdir "$LOGDIR" \
+    --seed "$SEED" --max_steps "$LDM_STEPS" \
+    "model.params.first_stage_config.params.ckpt_path=$vae_run/checkpoints/last.ckpt" \
+    "model.params.scheduler_config.params.cycle_lengths=[$LDM_STEPS]"
+ldm_run=$(ls -td "$LOGDIR"/*_demo-ldm | head -n 1)
+t2=$(date +%s)
+echo "latent diffusion: $ldm_run ($((t2 - t1)) s)"
+
+"$PYTHON" -m ldm.training.export --ckpt "$ldm_run/checkpoints/last.ckpt" \
+    --config "$(ls "$ldm_run"/configs/*-project.yaml | tail -n 1)" \
+    --out "$OUT" --out-config "$OUT_CONFIG" --half \
+    --section demo.safety_checker=false --section demo.height=64 --section demo.width=64
+t3=$(date +%s)
+echo "done in $((t3 - t0)) s: autoencoder $((t1 - t0)) s, latent diffusion $((t2 - t1)) s -> $OUT, $OUT_CONFIG"

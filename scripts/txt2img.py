@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Make images from a text prompt with a Stable Diffusion checkpoint.
+
+Writes OUTDIR/samples/00000.png, 00001.png, ... (numbers continue after existing files; nothing is
+overwritten) and OUTDIR/grid-0000.png with every image of the run. Each PNG carries its generation
+parameters (AUTOMATIC1111 "parameters" text: prompt, negative prompt, steps, sampler, CFG scale,
+seed, size, model hash, ...) and the invisible watermark.
+
+Seeds: image k of a run (counted over all iterations and prompts) uses seed + k; the log and the
+PNG name it. To make one image of a batch again on its own, pass its prompt with
+--seed <that seed> --n_samples 1 --n_iter 1 (and the same size, steps, sampler and scale).
+With --fixed_code every iteration repeats the first one's seeds (image k of each batch: seed + k).
+
+Examples:
+  python scripts/txt2img.py --prompt "a photograph of an astronaut riding a horse" --plms
+  python scripts/txt2img.py --from-file prompts.txt --sampler dpmpp_2m_karras --ddim_steps 25
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ldm import cli  # noqa: E402  (light: no torch at import)
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__)
+    cli.add_prompt_args(parser)
+    cli.add_output_args(parser, "outputs/txt2img-samples")
+    cli.add_sampling_args(parser, steps=50, scale=7.5, n_samples=3, n_iter=2)
+    parser.add_argument("--laion400m", action="store_true",
+                        help=f"use the LAION-400M LDM model ({cli.LAION_CONFIG}, {cli.LAION_CKPT})")
+    cli.add_size_args(parser)
+    cli.add_model_args(parser)
+    cli.add_safety_args(parser)
+    return parser
+
+
+def run(opt) -> None:
+    # -- every check, before any model is loaded
+    if opt.laion400m:
+        cli.check_laion400m()
+    sampler = cli.resolve_sampler(opt)
+    eta = cli.sampler_eta(opt, sampler)
+    cli.check_batch_args(opt, sampler)
+    config, geometry = cli.check_model(opt.config, opt.ckpt, ("txt2img",), "txt2img")
+    cli.check_geometry(opt, geometry)
+    prompts = cli.read_prompts(opt)
+    outdir = cli.check_outdir(opt.outdir)
+    cli.check_watermark_available()
+    data = cli.prompt_batches(opt, prompts)
+    checker_folder, safety_status = cli.safety_plan(opt, config)
+
+    # -- the run
+    from ldm.generate import ImageWriter
+
+    sd = cli.load_pipeline(opt, config, checker_folder, safety_status)
+    writer = ImageWriter(outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
+
+    def make_batch(batch_prompts, first_seed):
+        return sd.txt2img(batch_prompts, first_seed, negative_prompt=opt.negative_prompt, steps=opt.steps,
+                          sampler=sampler, scale=opt.scale, eta=eta, width=opt.W, height=opt.H)
+
+    cli.generate_all(opt, data, make_batch, writer)
+
+
+def main(argv=None) -> int:
+    return cli.run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

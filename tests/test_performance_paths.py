@@ -1,0 +1,244 @@
+"""The speed paths give the same numbers as the plain path (no timings here; see
+scripts/benchmark.py): attention slicing, channels_last, prepacked CPU convolutions, the native
+bf16 GroupNorm, the bf16 model against fp32, and the torch.compile helper."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.checkpoint import load_model_from_config
+from ldm.modules.attention import set_attention_slicing
+from ldm.modules.diffusionmodules import util
+from ldm.modules.diffusionmodules.openaimodel import compile_unet
+from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, set_conv_prepacking
+from tests.helpers import REPO, load_config, rel_err
+
+# Tolerance of the bf16 model against fp32 on the tiny reference model (relative L2 of eps).
+# Measured 4e-3 with bf16 weights and activations; bf16 keeps 8 bits of mantissa (2^-8 = 3.9e-3).
+BF16_REL_TOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    return load_model_from_config(load_config(), tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def unet_inputs(parity):
+    ref = parity["unet"]
+    return ref["x"], ref["t"], ref["context"]
+
+
+@pytest.fixture
+def prepacking():
+    """Restore the prepacking switch whatever a test does with it."""
+    yield
+    set_conv_prepacking(True)
+
+
+def _eps(unet, inputs) -> torch.Tensor:
+    x, t, context = inputs
+    with torch.no_grad():
+        return unet(x, t, context=context)
+
+
+# -- attention slicing -----------------------------------------------------------------------------
+
+def test_attention_slicing_matches_unsliced(tiny_model, unet_inputs):
+    unet = tiny_model.model.diffusion_model
+    full = _eps(unet, unet_inputs)
+    try:
+        set_attention_slicing(7)  # not a divisor of any token count: a short last slice too
+        sliced = _eps(unet, unet_inputs)
+    finally:
+        set_attention_slicing(None)
+    assert rel_err(sliced, full) < 1e-5  # the kernel blocks the rows differently: float rounding only
+
+
+def test_attention_slicing_rejects_bad_size():
+    with pytest.raises(ValueError, match="slice size"):
+        set_attention_slicing(0)
+
+
+# -- channels_last ---------------------------------------------------------------------------------
+
+def test_channels_last_matches(tiny_model, unet_inputs):
+    unet = tiny_model.model.diffusion_model
+    ref = _eps(unet, unet_inputs)
+    fast = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    assert fast._channels_last() and not unet._channels_last()
+    out = _eps(fast, unet_inputs)
+    assert out.is_contiguous()  # callers get the usual layout back
+    assert rel_err(out, ref) < 1e-5
+    assert set(fast.state_dict()) == set(unet.state_dict())
+
+
+# -- prepacked CPU convolutions --------------------------------------------------------------------
+
+pytestmark_mkldnn = pytest.mark.skipif(not util._MKLDNN_CONV, reason="this PyTorch has no oneDNN conv ops")
+
+
+def _conv_pair(cin=16, cout=24, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    conv = Conv2d(cin, cout, 3, padding=1, **kwargs).requires_grad_(False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / 12)
+        conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)
+    x = torch.randn(2, cin, 9, 7, generator=g)
+    return conv, x
+
+
+@pytestmark_mkldnn
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_prepacked_conv_matches_conv2d(prepacking, memory_format, stride):
+    conv, x = _conv_pair(stride=stride)
+    conv = conv.to(memory_format=memory_format)
+    x = x.contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        out = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, stride, 1)
+    assert conv._packed is not None  # the fast path ran
+    assert rel_err(out, ref) < 1e-5  # (the result comes back channels_last, oneDNN's layout)
+
+
+@pytestmark_mkldnn
+def test_prepacked_conv_follows_weight_changes(prepacking):
+    conv, x = _conv_pair()
+    with torch.no_grad():
+        conv(x)
+        first = conv._packed
+        conv(x)
+        assert conv._packed is first  # reused
+        conv.weight.mul_(2)  # in place (as ema_scope's copy_): repacked
+        out = conv(x)
+        assert rel_err(out, F.conv2d(x, conv.weight, conv.bias, 1, 1)) < 1e-5
+        conv.weight = torch.nn.Parameter(torch.zeros_like(conv.weight), requires_grad=False)  # a new tensor
+        assert torch.allclose(conv(x), conv.bias[None, :, None, None].expand(2, -1, 9, 7))
+        conv(x[:1])  # another input shape: repacked for it
+        assert conv._packed[3] == (1, 16, 9, 7)
+        conv.to(torch.bfloat16)  # .to() drops the cache
+        assert conv._packed is None
+        out = conv(x.bfloat16())
+        assert out.dtype == torch.bfloat16 and conv._packed is not None
+
+
+@pytestmark_mkldnn
+def test_prepacked_conv_not_used_for_training(prepacking):
+    conv, x = _conv_pair()
+    conv.requires_grad_(True)
+    out = conv(x)
+    assert conv._packed is None
+    out.square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+@pytestmark_mkldnn
+def test_prepacked_conv_module_copies_and_pickles(prepacking):
+    conv, x = _conv_pair()
+    with torch.no_grad():
+        conv(x)
+    twin = copy.deepcopy(conv)
+    assert twin._packed is None
+    with torch.no_grad():
+        assert torch.equal(twin(x), conv(x))
+    assert set(conv.state_dict()) == {"weight", "bias"}
+
+
+@pytestmark_mkldnn
+def test_prepacking_switch_and_unet_parity(tiny_model, unet_inputs, parity, prepacking):
+    unet = tiny_model.model.diffusion_model
+    set_conv_prepacking(True)
+    packed = _eps(unet, unet_inputs)
+    assert any(isinstance(m, Conv2d) and m._packed is not None for m in unet.modules())
+    set_conv_prepacking(False)
+    plain = _eps(unet, unet_inputs)
+    assert all(m._packed is None for m in unet.modules() if isinstance(m, Conv2d))  # freed
+    assert rel_err(packed, plain) < 1e-5
+    assert rel_err(packed, parity["unet"]["eps"]) < 1e-5
+
+
+# -- bf16 ------------------------------------------------------------------------------------------
+
+def test_groupnorm32_native_bf16_equals_upcast():
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(32, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(64, generator=g))
+    x = (3 * torch.randn(2, 64, 16, 16, generator=g) + 1).bfloat16()
+    upcast = F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps).bfloat16()
+    with torch.no_grad():
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    # Same float32 math inside the kernel: at most a last-bit difference, on very few elements.
+    diff = (out.float() - upcast.float()).abs()
+    ulp = upcast.float().abs().clamp_min(1e-3) * 2 ** -7
+    assert bool((diff <= ulp).all())
+    assert (diff > 0).float().mean().item() < 1e-3
+
+
+def test_bf16_model_close_to_fp32(tiny_ckpt, tiny_model, unet_inputs):
+    model = load_model_from_config(load_config(), tiny_ckpt, dtype=torch.bfloat16)
+    x, t, context = unet_inputs
+    with torch.no_grad():
+        ref = tiny_model.apply_model(x, t, context)
+        out = model.apply_model(x, t, context)
+    assert out.dtype == torch.float32  # the UNet returns the input's dtype
+    assert rel_err(out, ref) < BF16_REL_TOL
+
+
+# -- torch.compile helper --------------------------------------------------------------------------
+
+def test_compile_unet_rejects_other_models():
+    with pytest.raises(TypeError, match="UNetModel"):
+        compile_unet(torch.nn.Linear(2, 2))
+
+
+def test_compile_unet_without_torch_compile_is_a_no_op(tiny_model, monkeypatch, caplog):
+    unet = copy.deepcopy(tiny_model.model.diffusion_model)
+    monkeypatch.setattr(torch, "compile", None)
+    assert compile_unet(unet) is unet
+    assert getattr(unet, "_compiled_call_impl", None) is None
+    assert "stays eager" in caplog.text
+
+
+_COMPILE_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {repo!r})
+    from ldm.checkpoint import load_model_from_config
+    from ldm.modules.diffusionmodules.openaimodel import compile_unet
+    from tests.helpers import load_config, rel_err
+    from tests.conftest import PARITY, TINY_CKPT
+    model = load_model_from_config(load_config(), TINY_CKPT)
+    ref = torch.load(PARITY, weights_only=True)["unet"]
+    keys = list(model.state_dict())
+    eager = model.apply_model(ref["x"], ref["t"], ref["context"])
+    assert compile_unet(model) is model and compile_unet(model) is model
+    with torch.no_grad():
+        compiled = model.apply_model(ref["x"], ref["t"], ref["context"])
+    print(json.dumps({{"err": rel_err(compiled, eager), "keys_same": keys == list(model.state_dict()),
+                      "compiled": model.model.diffusion_model._compiled_call_impl is not None}}))
+""")
+
+
+def test_compile_unet_matches_eager(spec_dir):
+    """torch.compile on the tiny UNet (in a subprocess: skipped when compiling takes over 60 s)."""
+    script = _COMPILE_CHECK.format(repo=str(REPO))
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.skip("torch.compile of the tiny UNet took over 60 s on this machine")
+    if out.returncode and "InvalidCxxCompiler" in out.stderr:
+        pytest.skip("torch.compile needs a C++ compiler, none found")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["compiled"] and result["keys_same"]
+    assert result["err"] < 1e-5
