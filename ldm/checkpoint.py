@@ -198,7 +198,8 @@ def resolve_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
 
     unexpected = [k for k in sd if k not in expected]
-    missing = [k for k in expected if k not in sd and not _benign_missing(k, has_ema_module and use_ema is None)]
+    # model_ema.* may be absent: shadows are then copied (use_ema None) or the module is dropped.
+    missing = [k for k in expected if k not in sd and not _benign_missing(k, has_ema_module)]
     wrong_shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in sd
                    if k in expected and sd[k].shape != expected[k].shape]
     problems = []
