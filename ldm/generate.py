@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -816,7 +815,7 @@ class ImageWriter:
         :param name: write ``folder/name`` (``stem-1.png``, ``stem-2.png``, ... when taken) instead
             of the next number of ``pattern``.
         """
-        from ldm.image_io import save_numbered
+        from ldm.image_io import save_named, save_numbered
         from ldm.metadata import pnginfo
 
         marked, record.watermark = self._watermark(image)
@@ -824,7 +823,7 @@ class ImageWriter:
         try:
             if name is None:
                 return save_numbered(marked, folder, pattern, pnginfo=info)
-            return _save_named(marked, Path(folder), name, info)
+            return save_named(marked, folder, name, info)
         except OSError as exc:
             raise UserInputError(f"cannot write into {folder} ({exc.strerror or exc}); pass --outdir with a folder "
                                  "you can write to and that has free space") from None
@@ -856,33 +855,3 @@ class ImageWriter:
                      "'Watermark: %s'", WATERMARK_TOO_SMALL)
             self._told_small = True
         return marked, WATERMARK_TOO_SMALL
-
-
-def _save_named(image: Image.Image, folder: Path, name: str, info) -> Path:
-    """Write ``folder/name`` atomically without replacing a file: ``stem-1.png``, ... when taken."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stem, suffix = os.path.splitext(name)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        k = 0
-        while True:
-            target = folder / (name if k == 0 else f"{stem}-{k}{suffix}")
-            try:
-                os.link(tmp, target)  # fails instead of replacing an existing file
-                return target
-            except FileExistsError:
-                k += 1
-            except OSError:  # no hard links on this file system: reserve the name, then replace
-                try:
-                    with open(target, "xb"):
-                        pass
-                except FileExistsError:
-                    k += 1
-                    continue
-                os.replace(tmp, target)
-                return target
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -15,12 +15,13 @@ in ``scripts/tests/test_watermark.py``) does not pay for importing it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -41,6 +42,7 @@ __all__ = [
     "tensor_to_uint8",
     "make_grid",
     "save_numbered",
+    "save_named",
     "count_existing",
 ]
 
@@ -440,7 +442,30 @@ def save_numbered(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n = count_existing(folder) if start is None else int(start)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(pattern)[1], dir=folder)
+    return _write_unique(image, folder, (pattern.format(k) for k in itertools.count(n)), fmt, save_kwargs)
+
+
+def save_named(image: Union[Image.Image, np.ndarray], folder: PathLike, name: str,
+               pnginfo: "PngInfo | None" = None) -> Path:
+    """Save ``image`` as ``folder/name``, or ``stem-1.ext``, ``stem-2.ext``, ... when that is taken;
+    never overwriting a file, and complete under its final name (as :func:`save_numbered`)."""
+    if os.sep in name or (os.altsep and os.altsep in name):
+        raise UserInputError(f"file name {name!r} must be a name, not a path; pass the folder separately")
+    fmt = _format_for(name)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    stem, suffix = os.path.splitext(name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = itertools.chain([name], (f"{stem}-{k}{suffix}" for k in itertools.count(1)))
+    return _write_unique(image, folder, names, fmt, {"pnginfo": pnginfo} if pnginfo is not None and fmt == "PNG"
+                         else {})
+
+
+def _write_unique(image: Image.Image, folder: Path, names: Iterator[str], fmt: str, save_kwargs: dict) -> Path:
+    """Write ``image`` to a hidden temporary file in ``folder``, then publish it under the first of
+    ``names`` that is free (:func:`_publish`: never replaces a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt, **save_kwargs)
@@ -448,13 +473,12 @@ def save_numbered(
             os.fsync(f.fileno())
         state: dict = {}
         while True:
-            target = folder / pattern.format(n)
+            target = folder / next(names)
             try:
                 _publish(tmp, str(target), state)
+                return target
             except FileExistsError:
-                n += 1
-                continue
-            return target
+                continue  # taken (maybe by another process a moment ago): the next name
     finally:
         try:
             os.unlink(tmp)

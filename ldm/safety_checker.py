@@ -132,10 +132,12 @@ class SafetyChecker(nn.Module):
         vision_config = vision_config or CLIPVisionConfig()
         self.vision_model = CLIPVisionModel(vision_config)
         self.visual_projection = nn.Linear(vision_config.hidden_size, projection_dim, bias=False)
-        self.concept_embeds = nn.Parameter(torch.empty(n_concepts, projection_dim), requires_grad=False)
-        self.special_care_embeds = nn.Parameter(torch.empty(n_special, projection_dim), requires_grad=False)
-        self.concept_embeds_weights = nn.Parameter(torch.empty(n_concepts), requires_grad=False)
-        self.special_care_embeds_weights = nn.Parameter(torch.empty(n_special), requires_grad=False)
+        # Defined values until the released file is loaded (strictly, by load_safety_checker):
+        # random concept directions with thresholds of 1, which no cosine exceeds (nothing flagged).
+        self.concept_embeds = nn.Parameter(torch.randn(n_concepts, projection_dim), requires_grad=False)
+        self.special_care_embeds = nn.Parameter(torch.randn(n_special, projection_dim), requires_grad=False)
+        self.concept_embeds_weights = nn.Parameter(torch.ones(n_concepts), requires_grad=False)
+        self.special_care_embeds_weights = nn.Parameter(torch.ones(n_special), requires_grad=False)
         pre = preprocess or {}
         self.size = _int_size(pre.get("size", CLIP_IMAGE_SIZE), "shortest_edge")
         self.crop_size = _int_size(pre.get("crop_size", CLIP_IMAGE_SIZE), "height")

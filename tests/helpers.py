@@ -8,6 +8,8 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "configs" / "v1-tiny.yaml"
+DEMO_WEIGHTS = REPO / "models" / "demo" / "demo.safetensors"
+DEMO_CONFIG = REPO / "configs" / "demo" / "demo-txt2img.yaml"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ from ldm.image_io import (
     load_mask,
     make_grid,
     resize_to_multiple,
+    save_named,
     save_numbered,
     tensor_to_uint8,
     to_rgb,
@@ -342,6 +343,22 @@ def test_works_without_hard_links(tmp_path, monkeypatch):
     with Image.open(tmp_path / "00002.png") as im:
         assert im.getpixel((0, 0)) == (9, 9, 9)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_save_named_adds_a_suffix_instead_of_overwriting(tmp_path):
+    from ldm.metadata import pnginfo
+
+    (tmp_path / "result.png").write_bytes(b"keep me")
+    img = Image.new("RGB", (8, 8), (4, 5, 6))
+    names = [save_named(img, tmp_path, "result.png", pnginfo("x\nSteps: 1")).name for _ in range(2)]
+    assert names == ["result-1.png", "result-2.png"]
+    assert (tmp_path / "result.png").read_bytes() == b"keep me"
+    with Image.open(tmp_path / "result-2.png") as im:
+        assert im.getpixel((0, 0)) == (4, 5, 6) and im.info["parameters"] == "x\nSteps: 1"
+    assert save_named(img, tmp_path / "new", "a.png").name == "a.png"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    with pytest.raises(UserInputError, match="not a path"):
+        save_named(img, tmp_path, "sub/a.png")
 
 
 def test_bad_patterns(tmp_path):

@@ -1,5 +1,5 @@
 """Training path: the Lightning wrappers, main.py, checkpoints in the official layout, the
-autoencoder loss, and the bundled demo model. Toy sizes (16x16 images), a few seconds each."""
+autoencoder loss (the bundled demo model: tests/test_demo_model.py). Toy sizes (16x16 images), a few seconds each."""
 from __future__ import annotations
 
 import copy
@@ -23,9 +23,6 @@ from ldm.training import (AutoencoderTrainer, DataModuleFromConfig, DiffusionTra
 from ldm.training.run import learning_rate, resolve_paths, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_WEIGHTS = REPO / "models" / "demo" / "demo.safetensors"
-DEMO_CONFIG = REPO / "configs" / "demo" / "demo-txt2img.yaml"
-MAX_DEMO_BYTES = 25 * 1024 * 1024
 
 VAE = {
     "target": "ldm.models.autoencoder.AutoencoderKL",
@@ -371,40 +368,3 @@ def test_export_bakes_ema_and_keeps_schedule_float32(tmp_path):
     loaded = load_model_from_config(OmegaConf.load(tmp_path / "out.yaml"), tmp_path / "out.safetensors")
     assert loaded.model.diffusion_model.out[2].weight.dtype == torch.float32
     assert OmegaConf.load(tmp_path / "out.yaml").demo.safety_checker is False
-
-
-# ----------------------------------------------------------------------------- the demo model
-def test_demo_configs_agree():
-    """The training config's model is the inference config's plus training-only settings."""
-    from ldm.training.export import inference_model_config
-
-    if not DEMO_CONFIG.exists():
-        pytest.skip("configs/demo/demo-txt2img.yaml not exported yet")
-    train_cfg = OmegaConf.load(REPO / "configs" / "demo" / "demo-ldm.yaml")
-    infer = OmegaConf.load(DEMO_CONFIG)
-    expected = inference_model_config(train_cfg.model, infer.model.params.scale_factor)
-    assert OmegaConf.to_container(infer.model) == expected
-    assert infer.demo.safety_checker is False
-    vae_cfg = OmegaConf.load(REPO / "configs" / "demo" / "demo-autoencoder.yaml")
-    assert infer.model.params.first_stage_config.params.ddconfig == vae_cfg.model.params.ddconfig
-
-
-@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="models/demo/demo.safetensors not present")
-def test_demo_weights_load_and_draw_the_prompt():
-    assert DEMO_WEIGHTS.stat().st_size <= MAX_DEMO_BYTES
-    config = OmegaConf.load(DEMO_CONFIG)
-    model = load_model_from_config(config, DEMO_WEIGHTS)
-    sd = read_checkpoint(DEMO_WEIGHTS).state_dict
-    assert {k.split(".")[0] for k in sd if "diffusion_model" in k or "_stage_model" in k} == {
-        "model", "first_stage_model", "cond_stage_model"}
-    from ldm.data.shapes import TRAIN_COMBOS, caption, check
-    from ldm.training.evaluate import generate
-
-    # 9 training combinations spread over the list (all three shapes); the model gets about 87 %
-    # of such prompts fully right (docs/demo-model.md), so 7 of 9 is a floor, not a benchmark
-    prompts = [caption(c) for c in TRAIN_COMBOS[::13]][:9]
-    images = generate(model, prompts, sampler="ddim", steps=50, scale=7.5, seed=0)
-    assert images.shape == (9, 64, 64, 3)
-    results = [check(im, p) for im, p in zip(images, prompts)]
-    assert sum(r["background"] and r["shape_colour"] for r in results) >= 8
-    assert sum(r["all"] for r in results) >= 7

@@ -18,26 +18,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ldm.models.diffusion.registry import SAMPLER_NAMES, make_sampler
+
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "plms", "dpm")
-
-
-def make_sampler(name: str, model):
-    """The project's sampler called ``name`` (ddim, plms, dpm) for ``model``."""
-    if name == "ddim":
-        from ldm.models.diffusion.ddim import DDIMSampler
-
-        return DDIMSampler(model)
-    if name == "plms":
-        from ldm.models.diffusion.plms import PLMSSampler
-
-        return PLMSSampler(model)
-    if name == "dpm":
-        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-
-        return DPMSolverSampler(model)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+#: default step counts (the issue's settings: DDIM 50, PLMS 50, DPM-Solver 20; 50 for the others)
+DEFAULT_STEPS = {"dpm_solver": 20}
 
 
 @torch.no_grad()
@@ -55,7 +41,7 @@ def generate(model, prompts: Sequence[str], sampler: str = "ddim", steps: int = 
         uc = model.get_learned_conditioning([""] * len(chunk)) if scale != 1.0 else None
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         z, _ = s.sample(S=steps, batch_size=len(chunk), shape=shape, conditioning=c, verbose=False,
-                        unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=0.0, generator=gens)
+                        unconditional_guidance_scale=scale, unconditional_conditioning=uc, generator=gens)
         x = model.decode_first_stage(z).clamp(-1, 1)
         out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
@@ -82,9 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Accuracy of a shapes text-to-image model (ldm.data.shapes.check).")
     p.add_argument("--config", required=True)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--sampler", choices=SAMPLERS, nargs="+", default=["ddim"])
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, nargs="+", default=["ddim"])
     p.add_argument("--steps", type=int, nargs="+", default=None,
-                   help="steps per sampler (default 50 for ddim/plms, 20 for dpm)")
+                   help="steps, one per sampler (default 20 for dpm_solver, 50 for the others)")
     p.add_argument("--scale", type=float, nargs="+", default=[7.5])
     p.add_argument("--split", choices=("train", "heldout"), nargs="+", default=["train"])
     p.add_argument("--per-combo", type=int, default=1)
@@ -97,9 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     use_ema = {"auto": None, "yes": True, "no": False}[opt.use_ema]
     model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, use_ema=use_ema)
-    default_steps = {"ddim": 50, "plms": 50, "dpm": 20}
+    if opt.steps and len(opt.steps) != len(opt.sampler):
+        p.error(f"--steps takes one count per sampler: {len(opt.sampler)} sampler(s), {len(opt.steps)} count(s)")
     for i, sampler in enumerate(opt.sampler):
-        steps = opt.steps[i] if opt.steps else default_steps[sampler]
+        steps = opt.steps[i] if opt.steps else DEFAULT_STEPS.get(sampler, 50)
         for split in opt.split:
             for scale in opt.scale:
                 r = evaluate(model, split, sampler, steps, scale, opt.per_combo, opt.seed)

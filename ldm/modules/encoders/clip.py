@@ -281,7 +281,7 @@ class CLIPVisionEmbeddings(nn.Module):
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
         dim = config.hidden_size
         n_positions = (config.image_size // config.patch_size) ** 2 + 1  # patches + class token
-        self.class_embedding = nn.Parameter(torch.empty(dim))
+        self.class_embedding = nn.Parameter(torch.randn(dim) * dim**-0.5)  # CLIP's init; files overwrite it
         self.patch_embedding = nn.Conv2d(config.num_channels, dim, config.patch_size, stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(n_positions, dim)
         # Non-persistent: older files carry it, newer do not; its value is always 0..n-1.
