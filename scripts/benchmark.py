@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -665,7 +666,9 @@ def psnr(a, b) -> float:
 
 
 # ============================================================================ the run
-def run(s: Settings) -> tuple[list[Row], dict]:
+def run(s: Settings, rows: list[Row], extra: dict) -> None:
+    """Measure everything ``s`` asks for, appending to ``rows`` and ``extra`` as it goes (so an
+    interrupted run still has what it measured)."""
     import torch
 
     global _CLOCK
@@ -673,8 +676,6 @@ def run(s: Settings) -> tuple[list[Row], dict]:
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(s.flush_denormal)
     paths = prepare_weights(s.cache_dir)
-    rows: list[Row] = []
-    extra: dict = {"notes": []}
 
     def row(metric, setting, unit) -> Row:
         r = Row(metric, setting, unit)
@@ -704,7 +705,6 @@ def run(s: Settings) -> tuple[list[Row], dict]:
             extra["tiled"] = dict(reports[-1], dtype=name)
         except RuntimeError as e:
             extra["notes"].append(f"tiled VAE test failed: {str(e).strip().splitlines()[-1]}")
-    return rows, extra
 
 
 def bench_dtype(s: Settings, paths: dict, name: str, row, extra: dict, images: dict) -> None:
@@ -932,13 +932,21 @@ def main(argv=None) -> int:
             print("error: --device cuda but CUDA is not available", file=sys.stderr)
             return 2
     t0 = time.perf_counter()
-    rows, extra = run(s)
+    rows: list[Row] = []
+    extra: dict = {"notes": []}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: report what was measured, like Ctrl-C
+    interrupted = False
+    try:
+        run(s, rows, extra)
+    except KeyboardInterrupt:
+        interrupted = True
+        extra["notes"].append("INTERRUPTED: the run was stopped before the end; partial results (not written)")
     text = report(s, rows, extra, time.perf_counter() - t0)
     print(text)
-    if s.write_doc:
+    if s.write_doc and not interrupted:
         write_doc(text)
         log.info("wrote %s", DOC)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
