@@ -126,9 +126,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, config: Optional[str] = S
                         help="run the EMA weights of a checkpoint that holds both (the *-full-ema files)")
     parser.add_argument("--device", type=str, default="auto",
                         help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", type=str, choices=PRECISION_CHOICES, default="autocast",
-                        help="autocast: fp16 on CUDA, fp32 elsewhere (the original); full/fp32; fp16; bf16; "
-                             "auto: fp16 on CUDA, bf16 on CPUs that have it, else fp32")
+    parser.add_argument("--precision", type=str, choices=PRECISION_CHOICES, default="auto",
+                        help="auto (default): fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; "
+                             "fp32/full: float32 everywhere; autocast: fp16 on CUDA, fp32 elsewhere (the "
+                             "original's choice); fp16; bf16")
 
 
 def add_safety_args(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +307,16 @@ def check_geometry(opt: argparse.Namespace, geometry) -> None:
             fix = max(f, value - value % f)
             raise UserInputError(f"--{flag} {value} is not a multiple of {f}; use --{flag} {fix} or another "
                                  f"multiple of {f}")
+
+
+def default_size(opt: argparse.Namespace, config, fallback: int = 512) -> None:
+    """Fill ``--H``/``--W`` left unset: the config's ``demo.height``/``demo.width`` (the size a
+    bundled model was trained at), else ``fallback`` (512, SD v1's size)."""
+    from ldm.generate import config_get
+
+    for flag, key in (("H", "height"), ("W", "width")):
+        if getattr(opt, flag) is None:
+            setattr(opt, flag, int(config_get(config, "demo", key, default=fallback)))
 
 
 def safety_plan(opt: argparse.Namespace, config) -> tuple:

@@ -154,7 +154,8 @@ class ModelGeometry:
     unet_multiple: int
 
 
-def _get(node: Any, *keys: str, default: Any = None) -> Any:
+def config_get(node: Any, *keys: str, default: Any = None) -> Any:
+    """``node[keys[0]][keys[1]]...`` of a config (OmegaConf or dict), or ``default`` where missing."""
     for key in keys:
         if node is None or not hasattr(node, "get"):
             return default
@@ -165,19 +166,19 @@ def _get(node: Any, *keys: str, default: Any = None) -> Any:
 def model_geometry(config: Mapping[str, Any]) -> ModelGeometry:
     """Read :class:`ModelGeometry` from a config (the whole YAML or its ``model`` node)."""
     node = config.get("model", config) if hasattr(config, "get") else config
-    params = _get(node, "params", default={})
-    target = str(_get(node, "target", default=""))
-    unet = _get(params, "unet_config", "params", default={})
-    first = _get(params, "first_stage_config", "params", default={})
-    ch_mult = list(_get(first, "ddconfig", "ch_mult", default=[1, 2, 4, 4]))
+    params = config_get(node, "params", default={})
+    target = str(config_get(node, "target", default=""))
+    unet = config_get(params, "unet_config", "params", default={})
+    first = config_get(params, "first_stage_config", "params", default={})
+    ch_mult = list(config_get(first, "ddconfig", "ch_mult", default=[1, 2, 4, 4]))
     factor = 2 ** (len(ch_mult) - 1)
-    channels = int(_get(first, "embed_dim", default=_get(params, "channels", default=4)))
-    unet_mult = list(_get(unet, "channel_mult", default=[1, 2, 4, 4]))
+    channels = int(config_get(first, "embed_dim", default=config_get(params, "channels", default=4)))
+    unet_mult = list(config_get(unet, "channel_mult", default=[1, 2, 4, 4]))
     unet_multiple = 2 ** (len(unet_mult) - 1)
-    cond_stage = _get(params, "cond_stage_config", default=None)
-    cond_target = str(_get(cond_stage, "target", default="")) if hasattr(cond_stage, "get") else str(cond_stage)
-    conditioning_key = _get(params, "conditioning_key", default=None)
-    in_channels = int(_get(unet, "in_channels", default=channels))
+    cond_stage = config_get(params, "cond_stage_config", default=None)
+    cond_target = str(config_get(cond_stage, "target", default="")) if hasattr(cond_stage, "get") else str(cond_stage)
+    conditioning_key = config_get(params, "conditioning_key", default=None)
+    in_channels = int(config_get(unet, "in_channels", default=channels))
     if cond_target == "__is_first_stage__":
         kind = "ldm-inpaint"
     elif target.endswith("LatentInpaintDiffusion") or (conditioning_key == "hybrid"
@@ -392,7 +393,7 @@ class StableDiffusion:
 
     @classmethod
     def from_files(cls, config: Union[PathLike, Mapping[str, Any]], ckpt: PathLike, *, device: str = "auto",
-                   precision: str = "autocast", use_ema: Optional[bool] = None,
+                   precision: str = "auto", use_ema: Optional[bool] = None,
                    safety_checker: Union[None, PathLike, Any] = None, safety_status: str = SAFETY_OFF,
                    hash_checkpoint: bool = True, progress: bool = True,
                    exact_batches: bool = True) -> "StableDiffusion":
@@ -401,8 +402,8 @@ class StableDiffusion:
         :param config: a YAML path or a loaded config.
         :param ckpt: ``.ckpt`` / ``.safetensors`` (format by extension).
         :param device: ``auto`` (CUDA, MPS, CPU), ``cpu``, ``cuda[:N]``, ``mps``.
-        :param precision: ``autocast`` (fp16 on CUDA, else fp32; the reference), ``full``/``fp32``,
-            ``fp16``, ``bf16``, ``auto``.
+        :param precision: ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32),
+            ``full``/``fp32``, ``fp16``, ``bf16``, ``autocast`` (fp16 on CUDA, else fp32: the reference).
         :param use_ema: None: as the config says (``ema_scope``); True: run the EMA weights of a
             full-EMA checkpoint; False: run the non-EMA weights.
         :param safety_checker: a loaded checker, the folder of its files, or None (off).

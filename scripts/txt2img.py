@@ -32,7 +32,7 @@ def build_parser():
     cli.add_sampling_args(parser, steps=50, scale=7.5, n_samples=3, n_iter=2)
     parser.add_argument("--laion400m", action="store_true",
                         help=f"use the LAION-400M LDM model ({cli.LAION_CONFIG}, {cli.LAION_CKPT})")
-    cli.add_size_args(parser)
+    cli.add_size_args(parser, default=None, help_extra=" (default: the config's demo.height/width, else 512)")
     cli.add_model_args(parser)
     cli.add_safety_args(parser)
     return parser
@@ -46,6 +46,7 @@ def run(opt) -> None:
     eta = cli.sampler_eta(opt, sampler)
     cli.check_batch_args(opt, sampler)
     config, geometry = cli.check_model(opt.config, opt.ckpt, ("txt2img",), "txt2img")
+    cli.default_size(opt, config)
     cli.check_geometry(opt, geometry)
     prompts = cli.read_prompts(opt)
     outdir = cli.check_outdir(opt.outdir)

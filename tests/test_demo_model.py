@@ -20,6 +20,7 @@ from ldm.data.shapes import HELDOUT_COMBOS, TRAIN_COMBOS, agreement, caption, cl
 from ldm.generate import SAFETY_NOT_NEEDED, StableDiffusion, config_needs_safety_checker
 from ldm.training.evaluate import generate
 from tests.helpers import DEMO_CONFIG, DEMO_WEIGHTS, REPO
+from tests.test_scripts import load_main, restore_logging  # noqa: F401  (autouse: undoes main()'s logging)
 
 pytestmark = pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="models/demo/demo.safetensors not present")
 
@@ -163,3 +164,23 @@ def test_inpaint_recolours_the_masked_shape(sd):
         got = classify(out)
         hits += (got["shape_colour"], got["background"]) == (new_colour, combo[2])
     assert hits >= 3, f"{hits}/4 masked shapes took the asked colour"
+
+
+# ----------------------------------------------------------------------------- the README command
+def test_readme_render_command(tmp_path):
+    """The README's first command (in-process): 64x64 from the config, no safety checker needed,
+    the prompt drawn, the parameters in the PNG."""
+    from ldm.metadata import parse_parameters, read_parameters
+
+    prompt = "a red circle on a blue background"
+    code = load_main("txt2img.py")(["--config", str(DEMO_CONFIG), "--ckpt", str(DEMO_WEIGHTS), "--prompt", prompt,
+                                    "--n_samples", "2", "--n_iter", "1", "--outdir", str(tmp_path)])
+    assert code == 0
+    samples = sorted((tmp_path / "samples").glob("*.png"))
+    assert len(samples) == 2
+    for path in samples:
+        with Image.open(path) as im:
+            assert im.size == (64, 64)  # demo.height/width, not SD's 512
+            assert _read(im) == ("red", "circle", "blue")
+        meta = parse_parameters(read_parameters(path))
+        assert meta["Safety checker"] == SAFETY_NOT_NEEDED and meta["Size"] == "64x64"
