@@ -4,7 +4,10 @@ one of the project's samplers and read each back with :func:`ldm.data.shapes.che
 Usage::
 
     python -m ldm.training.evaluate --config configs/demo/demo-txt2img.yaml \
-        --ckpt models/demo/demo.safetensors --sampler ddim --steps 50 --scale 7.5 --split train
+        --ckpt models/demo/demo.safetensors --sampler ddim --steps 50 --scale 7.5 --split train [--edits 24]
+
+``--edits N`` adds img2img (strength 0.3 with the image's own caption, the empty prompt and a
+conflicting caption; 0.5 and 0.9 with a conflicting caption) and inpainting on N images each.
 """
 from __future__ import annotations
 
@@ -63,6 +66,77 @@ def evaluate(model, split: str = "train", sampler: str = "ddim", steps: int = 50
     return result
 
 
+def _pairs(n: int, seed: int) -> list:
+    """``n`` (init combination, other training combination) pairs differing in all three words,
+    drawn reproducibly from the training combinations."""
+    from ldm.data.shapes import TRAIN_COMBOS
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    while len(pairs) < n:
+        a, b = (TRAIN_COMBOS[i] for i in rng.choice(len(TRAIN_COMBOS), 2, replace=False))
+        if all(x != y for x, y in zip(a, b)):
+            pairs.append((a, b))
+    return pairs
+
+
+def evaluate_img2img(sd, strength: float, prompt: str = "other", n: int = 24, seed: int = 0,
+                     steps: int = 50, scale: float = 7.5) -> dict:
+    """img2img on ``n`` rendered training images, read back with :func:`ldm.data.shapes.classify`.
+
+    :param sd: a :class:`ldm.generate.StableDiffusion`.
+    :param prompt: ``"other"`` (a training caption differing in every word), ``"own"`` (the init
+        image's caption) or ``"empty"``.
+    :returns: fractions of outputs showing the init image's combination (``kept``), the other
+        caption's (``followed``), and the init's combination with its shape box within 5 pixels
+        (``kept_in_place``).
+    """
+    from PIL import Image
+
+    from ldm.data.shapes import caption, classify, render
+
+    kept = followed = in_place = 0
+    pairs = _pairs(n, seed)
+    for i, (a, b) in enumerate(pairs):
+        init = render(a, seed * 1000 + i)[0]
+        text = {"other": caption(b), "own": caption(a), "empty": ""}[prompt]
+        out = sd.img2img(text, Image.fromarray(init), seeds=seed + i, strength=strength, steps=steps,
+                         scale=scale).images[0]
+        got, ref = classify(out), classify(init)
+        combo = (got["shape_colour"], got["shape"], got["background"])
+        kept += combo == tuple(a)
+        followed += combo == tuple(b)
+        in_place += combo == tuple(a) and got["box"] is not None and \
+            float(np.abs(np.subtract(got["box"], ref["box"])).max()) <= 5
+    return dict(task="img2img", strength=strength, prompt=prompt, n=n, kept=kept / n, followed=followed / n,
+                kept_in_place=in_place / n)
+
+
+def evaluate_inpaint(sd, n: int = 24, seed: int = 0, steps: int = 50, scale: float = 7.5) -> dict:
+    """Mask the shape of ``n`` rendered training images (its box plus 4 pixels) and ask for another
+    shape colour: the fraction whose shape takes the asked colour on the kept background
+    (``recoloured``), and whether every unmasked pixel came back unchanged (``unmasked_exact``)."""
+    from PIL import Image
+
+    from ldm.data.shapes import COLOURS, caption, classify, render
+
+    rng = np.random.default_rng(seed + 1)
+    hits, exact = 0, True
+    pairs = _pairs(n, seed)
+    for i, (a, _) in enumerate(pairs):
+        image, params = render(a, seed * 1000 + i)
+        x0, y0, x1, y1 = params["box"]
+        mask = np.zeros(image.shape[:2], np.uint8)
+        mask[max(0, int(y0) - 4):int(y1) + 5, max(0, int(x0) - 4):int(x1) + 5] = 255
+        colour = str(rng.choice([c for c in COLOURS if c not in (a[0], a[2])]))
+        out = np.asarray(sd.inpaint(caption((colour, a[1], a[2])), Image.fromarray(image), Image.fromarray(mask),
+                                    seeds=seed + i, steps=steps, scale=scale).images[0])
+        exact &= bool(np.array_equal(out[mask < 128], image[mask < 128]))
+        got = classify(out)
+        hits += (got["shape_colour"], got["background"]) == (colour, a[2])
+    return dict(task="inpaint", n=n, recoloured=hits / n, unmasked_exact=exact)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description="Accuracy of a shapes text-to-image model (ldm.data.shapes.check).")
@@ -76,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--per-combo", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-ema", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--edits", type=int, default=0, metavar="N",
+                   help="also evaluate img2img (strength 0.3 and 0.9) and inpainting on N images each")
     opt = p.parse_args(argv)
     from omegaconf import OmegaConf
 
@@ -91,6 +167,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for scale in opt.scale:
                 r = evaluate(model, split, sampler, steps, scale, opt.per_combo, opt.seed)
                 print(json.dumps(r), flush=True)
+    if opt.edits:
+        from ldm.generate import SAFETY_NOT_NEEDED, StableDiffusion
+
+        sd = StableDiffusion(model, safety_status=SAFETY_NOT_NEEDED, progress=False, exact_batches=False)
+        for strength, prompt in ((0.3, "own"), (0.3, "empty"), (0.3, "other"), (0.5, "other"), (0.9, "other")):
+            print(json.dumps(evaluate_img2img(sd, strength, prompt, opt.edits, opt.seed)), flush=True)
+        print(json.dumps(evaluate_inpaint(sd, opt.edits, opt.seed)), flush=True)
     return 0
 
 
