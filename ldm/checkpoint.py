@@ -86,11 +86,16 @@ class Checkpoint:
     path: Path
 
 
-def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
+def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> Checkpoint:
     """Read a checkpoint file safely.
 
     :param path: ``.ckpt``/``.pt``/``.pth`` (torch pickle, zip or legacy format) or ``.safetensors``.
     :param device: where tensors land (memory-mapped on the CPU where the format allows).
+    :param dtype: the float dtype the caller will cast the networks to. A ``.safetensors`` file
+        whose floats are stored in another dtype is then read tensor by tensor and each one cast
+        as it is read (top-level keys, the noise schedule, stay as stored), so peak memory is the
+        model in ``dtype`` plus one tensor, not the whole file besides it.
     :raises CheckpointError: for a missing, unreadable, truncated or code-carrying file.
     """
     path = Path(path)
@@ -105,7 +110,11 @@ def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         from safetensors.torch import load_file
 
         try:
-            obj: Any = load_file(str(path), device=str(device))
+            obj: Any = _read_safetensors_cast(path, dtype) if dtype is not None else None
+            if obj is None:
+                obj = load_file(str(path), device=str(device))
+            elif str(device) != "cpu":
+                obj = {k: v.to(device) for k, v in obj.items()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({_first_line(e)})") from None
     else:
@@ -123,6 +132,50 @@ def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     if global_step is not None:
         log.info("Global Step: %d", global_step)
     return Checkpoint(state_dict, global_step, path)
+
+
+#: safetensors dtype names (the format's header) -> torch dtypes
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
+    """The tensors of a ``.safetensors`` file with every float tensor below the top level cast to
+    ``dtype`` as it is read (plain reads, no memory map), or None when no tensor needs a cast (the
+    caller then memory-maps the file: nothing is read until it is used).
+
+    Format: 8 bytes little-endian header length N, N bytes of JSON ``{key: {dtype, shape,
+    data_offsets: [begin, end]}}`` (offsets from the end of the header), then the data."""
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > os.path.getsize(path) - 8:
+            raise ValueError("header length past the end of the file")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        entries = []
+        for key, info in header.items():
+            src = _ST_DTYPES.get(info["dtype"])
+            if src is None:
+                raise ValueError(f"tensor {key} has the unsupported dtype {info['dtype']}")
+            entries.append((info["data_offsets"][0], key, src, info["shape"], info["data_offsets"]))
+        if not any(src.is_floating_point and src != dtype and "." in key for _, key, src, _, _ in entries):
+            return None
+        out = {}
+        base = 8 + n
+        for _, key, src, shape, (begin, end) in sorted(entries):  # file order: sequential reads
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(base + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise ValueError(f"file ends inside tensor {key}")
+            t = raw.view(src).reshape(shape) if end > begin else torch.empty(shape, dtype=src)
+            out[key] = t.to(dtype) if src.is_floating_point and "." in key else t
+    return out
 
 
 def _load_pickle(path: Path, device) -> Any:
@@ -223,17 +276,18 @@ def _benign_missing(key: str, ema_allowed_missing: bool) -> bool:
 
 def load_weights_into(model: nn.Module, source: Union[PathLike, Mapping[str, torch.Tensor]],
                       use_ema: Optional[bool] = None, ignore_keys=(), only_model: bool = False,
-                      assign: bool = False) -> Optional[int]:
+                      assign: bool = False, dtype: Optional[torch.dtype] = None) -> Optional[int]:
     """Load a checkpoint (path or state dict) into ``model`` strictly; returns the global step.
 
     :param assign: take the file's tensors as the parameters (for a model built on ``meta``);
         otherwise copy into the existing ones.
     :param only_model: load only the UNet (``model.*`` keys), as the reference's ``load_only_unet``.
+    :param dtype: the dtype the networks will be cast to (see :func:`read_checkpoint`).
     """
     global_step = None
     path: Any = "state dict"
     if not isinstance(source, Mapping):
-        ckpt = read_checkpoint(source)
+        ckpt = read_checkpoint(source, dtype=dtype)
         source, global_step, path = ckpt.state_dict, ckpt.global_step, ckpt.path
     elif assign:
         # The model will own these tensors (and may write to them, e.g. ema_scope): copy the
@@ -297,11 +351,28 @@ def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- building models
 def instantiate_on_meta(config) -> nn.Module:
-    """Build ``config`` (a ``{target, params}`` node) on the meta device: no memory, no init."""
+    """Build ``config`` (a ``{target, params}`` node) on the meta device: no memory, no init.
+
+    The ``torch.nn.init`` initialisers are no-ops meanwhile: on meta they compute nothing, and
+    ``normal_`` (``nn.Embedding``'s init) would import ``torch._dynamo`` on the way, about a
+    second of every model load. (Not thread-safe: another thread initialising modules at the
+    same moment would skip its init too.)"""
     from ldm.util import instantiate_from_config
 
-    with torch.device("meta"):
-        return instantiate_from_config(config)
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, _no_init)
+        with torch.device("meta"):
+            return instantiate_from_config(config)
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
+def _no_init(tensor, *args, **kwargs):
+    return tensor
 
 
 def cast_model(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -326,8 +397,8 @@ def load_model_from_config(config, ckpt: Union[PathLike, Mapping[str, torch.Tens
     """
     node = config["model"] if "model" in config else config
     model = instantiate_on_meta(node)
-    load_weights_into(model, ckpt, use_ema=use_ema, assign=True)
     float_dtype = dtype or torch.float32
+    load_weights_into(model, ckpt, use_ema=use_ema, assign=True, dtype=float_dtype)
     cast_model(model, float_dtype)
     model.to(device)
     model.eval()

@@ -213,8 +213,12 @@ class CLIPTextEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        # Persistent, as in transformers < 4.31: official SD v1 checkpoints contain it.
-        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=True)
+        # Persistent, as in transformers < 4.31: official SD v1 checkpoints contain it. Inside a
+        # meta-device build it is made on the CPU (77 integers): arange on meta imports sympy, a
+        # third of a second of every model load.
+        device = "cpu" if torch.empty(0).is_meta else None
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings, device=device).unsqueeze(0),
+                             persistent=True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "position_ids"
