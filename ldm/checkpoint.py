@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -142,19 +143,26 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
     """The tensors of a ``.safetensors`` file with every float tensor below the top level cast to
-    ``dtype`` as it is read (plain reads, no memory map), or None when no tensor needs a cast (the
-    caller then memory-maps the file: nothing is read until it is used).
+    ``dtype`` as it is read, or None when no tensor needs a cast (the caller then memory-maps the
+    file: nothing is read until it is used).
+
+    The file is mapped read-only and walked in file order; each tensor is cast (or copied) out of
+    the mapping and the pages it occupied are then released (``MADV_DONTNEED``, harmless on a
+    read-only file mapping), so the process never holds much more than the model in ``dtype``.
 
     Format: 8 bytes little-endian header length N, N bytes of JSON ``{key: {dtype, shape,
     data_offsets: [begin, end]}}`` (offsets from the end of the header), then the data."""
     import json
+    import mmap
+    import warnings
 
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError("file shorter than the 8-byte header length")
         n = int.from_bytes(head, "little")
-        if n > os.path.getsize(path) - 8:
+        if n > size - 8:
             raise ValueError("header length past the end of the file")
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
@@ -163,18 +171,28 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
             src = _ST_DTYPES.get(info["dtype"])
             if src is None:
                 raise ValueError(f"tensor {key} has the unsupported dtype {info['dtype']}")
-            entries.append((info["data_offsets"][0], key, src, info["shape"], info["data_offsets"]))
-        if not any(src.is_floating_point and src != dtype and "." in key for _, key, src, _, _ in entries):
+            begin, end = info["data_offsets"]
+            if 8 + n + end > size or end - begin != src.itemsize * math.prod(info["shape"]):
+                raise ValueError(f"tensor {key} lies past the end of the file or has the wrong size")
+            entries.append((begin, end, key, src, info["shape"]))
+        if not any(src.is_floating_point and src != dtype and "." in key for _, _, key, src, _ in entries):
             return None
         out = {}
-        base = 8 + n
-        for _, key, src, shape, (begin, end) in sorted(entries):  # file order: sequential reads
-            raw = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(base + begin)
-            if f.readinto(memoryview(raw.numpy())) != end - begin:
-                raise ValueError(f"file ends inside tensor {key}")
-            t = raw.view(src).reshape(shape) if end > begin else torch.empty(shape, dtype=src)
-            out[key] = t.to(dtype) if src.is_floating_point and "." in key else t
+        base, page = 8 + n, mmap.PAGESIZE
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for begin, end, key, src, shape in sorted(entries):  # file order
+                if end == begin:
+                    out[key] = torch.empty(shape, dtype=src)
+                    continue
+                with warnings.catch_warnings():  # frombuffer warns that the mapping is read-only; it is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    view = torch.frombuffer(mm, dtype=src, count=(end - begin) // src.itemsize, offset=base + begin)
+                cast = src.is_floating_point and "." in key
+                out[key] = (view.to(dtype) if cast and src != dtype else view.clone()).reshape(shape)
+                del view
+                lo, hi = (base + begin) // page * page, (base + end) // page * page
+                if hasattr(mm, "madvise") and hi > lo:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
     return out
 
 
