@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-        script("txt2img.py", "--from-file", tmp / "prompts.txt", "--n_samples", 1, "--outdir", tmp / "t2i")
+        script("txt2img.py", "--from-file", tmp / "prompts.txt", "--n_samples", 1, "--n_iter", 1, "--outdir", tmp / "t2i")
         txt2img = sorted((tmp / "t2i" / "samples").glob("*.png"))
         script("img2img.py", "--init-img", OUT / "init.png", "--prompt", "", "--strength", 0.3, "--n_samples", 1,
                "--outdir", tmp / "i2i-low")

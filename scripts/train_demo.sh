@@ -6,8 +6,10 @@
 #   3. export the EMA weights (float16, 14 MB) + inference config to models/demo/demo.safetensors
 #      and configs/demo/demo-txt2img.yaml
 # Usage (from anywhere):  scripts/train_demo.sh
-# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (400), LDM_STEPS (1500), SEED (23),
-#   OUT (models/demo/demo.safetensors), OUT_CONFIG (configs/demo/demo-txt2img.yaml).
+# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (400), LDM_STEPS (2000), SEED (23),
+#   OUT (models/demo/demo.safetensors), OUT_CONFIG (configs/demo/demo-txt2img.yaml),
+#   VAE_RUN (a finished autoencoder run of this script, logs/<time>_demo-vae: skip stage 1 and train the
+#   diffusion model on that autoencoder).
 # Everything runs offline; see docs/demo-model.md for settings and timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,8 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 LOGDIR=${LOGDIR:-logs}
 VAE_STEPS=${VAE_STEPS:-2000}
 VAE_STEPS_64=${VAE_STEPS_64:-400}
-LDM_STEPS=${LDM_STEPS:-1500}
+LDM_STEPS=${LDM_STEPS:-2000}
+VAE_RUN=${VAE_RUN:-}
 SEED=${SEED:-23}
 OUT=${OUT:-models/demo/demo.safetensors}
 OUT_CONFIG=${OUT_CONFIG:-configs/demo/demo-txt2img.yaml}
@@ -30,12 +33,20 @@ if [ -e "$OUT" ]; then
 fi
 t0=$(date +%s)
 
-"$PYTHON" main.py --base configs/demo/demo-autoencoder.yaml -t --name demo-vae --logdir "$LOGDIR" \
-    --seed "$SEED" --max_steps "$VAE_STEPS"
-vae_run=$(ls -td "$LOGDIR"/*_demo-vae | head -n 1)
-"$PYTHON" main.py --resume "$vae_run" -t --seed "$SEED" \
-    data.params.train.params.size=64 data.params.batch_size=8 \
-    "lightning.trainer.max_steps=$((VAE_STEPS + VAE_STEPS_64))" lightning.trainer.val_check_interval=200
+if [ -n "$VAE_RUN" ]; then
+    vae_run=${VAE_RUN%/}
+    if [ ! -f "$vae_run/checkpoints/last.ckpt" ]; then
+        echo "error: VAE_RUN=$VAE_RUN has no checkpoints/last.ckpt; point it at a finished logs/<time>_demo-vae run" >&2
+        exit 2
+    fi
+else
+    "$PYTHON" main.py --base configs/demo/demo-autoencoder.yaml -t --name demo-vae --logdir "$LOGDIR" \
+        --seed "$SEED" --max_steps "$VAE_STEPS"
+    vae_run=$(ls -td "$LOGDIR"/*_demo-vae | head -n 1)
+    "$PYTHON" main.py --resume "$vae_run" -t --seed "$SEED" \
+        data.params.train.params.size=64 data.params.batch_size=8 \
+        "lightning.trainer.max_steps=$((VAE_STEPS + VAE_STEPS_64))" lightning.trainer.val_check_interval=200
+fi
 t1=$(date +%s)
 echo "autoencoder: $vae_run ($((t1 - t0)) s)"
 

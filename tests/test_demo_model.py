@@ -42,10 +42,10 @@ def sd(model):
 _accuracy_cache: dict = {}
 
 
-def accuracy(model, sampler: str, steps: int, scale: float, prompts=PROMPTS) -> dict:
-    key = (sampler, steps, scale, tuple(prompts))
+def accuracy(model, sampler: str, steps: int, scale: float, prompts=PROMPTS, seed: int = 0) -> dict:
+    key = (sampler, steps, scale, tuple(prompts), seed)
     if key not in _accuracy_cache:
-        images = generate(model, prompts, sampler=sampler, steps=steps, scale=scale, seed=0)
+        images = generate(model, prompts, sampler=sampler, steps=steps, scale=scale, seed=seed)
         _accuracy_cache[key] = agreement(list(images), prompts)
     return _accuracy_cache[key]
 
@@ -80,14 +80,16 @@ def test_demo_configs_agree():
 def test_follows_training_prompts(model, sampler, steps):
     acc = accuracy(model, sampler, steps, 7.5)
     assert acc["background"] >= 0.96 and acc["shape_colour"] >= 0.94, acc
-    assert acc["all"] >= 0.84, acc
+    assert acc["all"] >= 0.90, acc  # the issue's target; 98 % measured (50 of 51)
 
 
 def test_composes_held_out_combinations(model):
-    prompts = [caption(c) for c in HELDOUT_COMBOS]
-    acc = accuracy(model, "dpm_solver", 20, 7.5, prompts)
-    assert acc["background"] >= 0.94 and acc["shape_colour"] >= 0.94, acc  # colours never seen together
-    assert acc["all"] >= 0.70, acc
+    """Three images of each of the 17 combinations never seen in training (the per-combo draw of
+    docs/demo-model.md: 51 images, seeds 1000...)."""
+    prompts = [caption(c) for c in HELDOUT_COMBOS for _ in range(3)]
+    acc = accuracy(model, "dpm_solver", 20, 7.5, prompts, seed=1000)
+    assert acc["background"] >= 0.94 and acc["shape_colour"] >= 0.78, acc  # colours never seen together
+    assert acc["all"] >= 0.76, acc
 
 
 def test_guidance_matters(model):
@@ -124,7 +126,7 @@ def _read(image) -> tuple:
 def test_img2img_low_strength_keeps_the_image(sd):
     """Strength 0.3 keeps the init image's colours, shape and its place (which no prompt gives), with
     its own caption and with the empty prompt. (A conflicting prompt at guidance 7.5 recolours this
-    model's images from strength ~0.2 on: docs/demo-model.md.)"""
+    model's images already at strength 0.3: docs/demo-model.md.)"""
     kept = []
     for i, combo in enumerate(INIT_COMBOS):
         init, _ = _init(combo, 100 + i)

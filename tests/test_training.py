@@ -368,3 +368,39 @@ def test_export_bakes_ema_and_keeps_schedule_float32(tmp_path):
     loaded = load_model_from_config(OmegaConf.load(tmp_path / "out.yaml"), tmp_path / "out.safetensors")
     assert loaded.model.diffusion_model.out[2].weight.dtype == torch.float32
     assert OmegaConf.load(tmp_path / "out.yaml").demo.safety_checker is False
+
+
+def test_train_demo_script_end_to_end(tmp_path):
+    """The documented one-command recipe (scripts/train_demo.sh) with a few steps per stage: both
+    autoencoder phases, the diffusion stage on that autoencoder, the export; the file loads with the
+    project's loader and draws images. Then VAE_RUN reuses the autoencoder, and bad input is refused."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", LOGDIR=str(tmp_path / "logs"),
+               VAE_STEPS="2", VAE_STEPS_64="1", LDM_STEPS="2", OUT=str(tmp_path / "demo.safetensors"),
+               OUT_CONFIG=str(tmp_path / "demo.yaml"))
+    script = str(REPO / "scripts" / "train_demo.sh")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (vae_run,) = (tmp_path / "logs").glob("*_demo-vae")
+    assert read_checkpoint(vae_run / "checkpoints" / "last.ckpt").global_step == 3  # 2 at 32x32 + 1 at 64x64
+    (ldm_run,) = (tmp_path / "logs").glob("*_demo-ldm")
+    assert read_checkpoint(ldm_run / "checkpoints" / "last.ckpt").global_step == 2
+    config = OmegaConf.load(tmp_path / "demo.yaml")
+    assert config.demo.safety_checker is False and (config.demo.height, config.demo.width) == (64, 64)
+    model = load_model_from_config(config, tmp_path / "demo.safetensors")
+    from ldm.training.evaluate import generate
+
+    images = generate(model, ["a red circle on a blue background"], steps=2)
+    assert images.shape == (1, 64, 64, 3) and images.dtype.name == "uint8"
+
+    again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites the weights
+    bad = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "b.safetensors"),
+                                                     VAE_RUN=str(tmp_path / "nowhere")),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "VAE_RUN" in bad.stderr
+    reuse = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "c.safetensors"),
+                                                       OUT_CONFIG=str(tmp_path / "c.yaml"), VAE_RUN=str(vae_run)),
+                           capture_output=True, text=True, timeout=600)
+    assert reuse.returncode == 0, reuse.stderr[-3000:]
+    assert len(list((tmp_path / "logs").glob("*_demo-vae"))) == 1  # no second autoencoder run
+    assert (tmp_path / "c.safetensors").is_file()
