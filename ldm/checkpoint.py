@@ -175,7 +175,10 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
             if 8 + n + end > size or end - begin != src.itemsize * math.prod(info["shape"]):
                 raise ValueError(f"tensor {key} lies past the end of the file or has the wrong size")
             entries.append((begin, end, key, src, info["shape"]))
-        if not any(src.is_floating_point and src != dtype and "." in key for _, _, key, src, _ in entries):
+        def cast(key: str, src: torch.dtype) -> bool:  # the networks' floats; top-level keys are the schedule
+            return src.is_floating_point and src != dtype and "." in key
+
+        if not any(cast(key, src) for _, _, key, src, _ in entries):
             return None
         out = {}
         base, page = 8 + n, mmap.PAGESIZE
@@ -187,8 +190,7 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
                 with warnings.catch_warnings():  # frombuffer warns that the mapping is read-only; it is only read
                     warnings.simplefilter("ignore", UserWarning)
                     view = torch.frombuffer(mm, dtype=src, count=(end - begin) // src.itemsize, offset=base + begin)
-                cast = src.is_floating_point and "." in key
-                out[key] = (view.to(dtype) if cast and src != dtype else view.clone()).reshape(shape)
+                out[key] = (view.to(dtype) if cast(key, src) else view.clone()).reshape(shape)
                 del view
                 lo, hi = (base + begin) // page * page, (base + end) // page * page
                 if hasattr(mm, "madvise") and hi > lo:
