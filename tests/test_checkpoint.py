@@ -175,15 +175,21 @@ def test_safetensors_checkpoint_loads_like_ckpt(tmp_path, tiny_ckpt, parity):
     assert torch.allclose(eps, ref["eps"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_safetensors_cast_while_reading(tmp_path, tiny_sd, dtype):
-    """A cast at load reads a .safetensors file tensor by tensor (no memory map of the whole file):
-    the same values as reading then casting, the schedule (top-level keys) and integers as stored."""
+@pytest.fixture
+def tiny_safetensors(tmp_path, tiny_sd):
+    """The reference tiny checkpoint saved as .safetensors (float32, as the reference wrote it)."""
     from safetensors.torch import save_file
 
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(path))
-    streamed = read_checkpoint(path, dtype=dtype).state_dict
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_safetensors_cast_while_reading(tiny_safetensors, tiny_ckpt, tiny_sd, dtype):
+    """A cast at load casts a .safetensors file tensor by tensor as it reads it: the same values as
+    reading then casting, the schedule (top-level keys) and integers as stored."""
+    streamed = read_checkpoint(tiny_safetensors, dtype=dtype).state_dict
     assert streamed.keys() == tiny_sd.keys()
     for key, ref in tiny_sd.items():
         got = streamed[key]
@@ -191,41 +197,27 @@ def test_safetensors_cast_while_reading(tmp_path, tiny_sd, dtype):
         assert got.dtype == expect.dtype and torch.equal(got, expect), key
     assert streamed["alphas_cumprod"].dtype == torch.float32 and streamed[POSITION_IDS].dtype == torch.int64
 
-    model = load_model_from_config(load_config(), path, dtype=dtype)
-    ref_model = load_model_from_config(load_config(), tiny_ckpt_path(tiny_sd, tmp_path), dtype=dtype)
+    model = load_model_from_config(load_config(), tiny_safetensors, dtype=dtype)
+    ref_model = load_model_from_config(load_config(), tiny_ckpt, dtype=dtype)
     for (name, a), (_, b) in zip(model.state_dict().items(), ref_model.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
-def tiny_ckpt_path(sd, tmp_path):
-    path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": sd}, path)
-    return path
-
-
-def test_safetensors_cast_not_needed_keeps_the_memory_map(tmp_path, tiny_sd):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(path))
+def test_safetensors_cast_not_needed_keeps_the_memory_map(tiny_safetensors):
     from ldm.checkpoint import _read_safetensors_cast
 
-    assert _read_safetensors_cast(path, torch.float32) is None  # already float32: mmap it instead
+    assert _read_safetensors_cast(tiny_safetensors, torch.float32) is None  # already float32: mmap it instead
 
 
-def test_safetensors_cast_read_of_a_truncated_file_is_one_clear_error(tmp_path, tiny_sd):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(path))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 1000])
+def test_safetensors_cast_read_of_a_truncated_file_is_one_clear_error(tiny_safetensors):
+    data = tiny_safetensors.read_bytes()
+    tiny_safetensors.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError) as info:
-        read_checkpoint(path, dtype=torch.bfloat16)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+        read_checkpoint(tiny_safetensors, dtype=torch.bfloat16)
+    assert str(tiny_safetensors) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_meta_build_skips_init_and_restores_it(tiny_sd):
+def test_meta_build_skips_init_and_restores_it():
     before = torch.nn.init.normal_
     model = instantiate_on_meta(load_config().model)
     assert torch.nn.init.normal_ is before
