@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -128,6 +129,59 @@ def test_prepacked_conv_follows_weight_changes(prepacking):
         assert conv._packed is None
         out = conv(x.bfloat16())
         assert out.dtype == torch.bfloat16 and conv._packed is not None
+
+
+def _mapping_rss(t: torch.Tensor) -> int:
+    """Resident bytes of the memory mapping that holds ``t`` (``/proc/self/smaps``)."""
+    addr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytestmark_mkldnn
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_PAGEOUT and /proc/self/smaps are Linux's")
+def test_prepacked_conv_pages_out_a_memory_mapped_weight(prepacking, tmp_path):
+    """A weight that is a clean memory-mapped checkpoint page is handed back after packing, so the
+    packed copy does not double its memory; its values are unchanged (read back from the file)."""
+    from safetensors.torch import load_file, save_file
+
+    conv, x = _conv_pair(256, 64)
+    path = tmp_path / "conv.safetensors"
+    save_file(conv.state_dict(), str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    mapped = load_file(str(path))
+    want = {k: v.clone() for k, v in mapped.items()}
+    conv.load_state_dict(mapped, assign=True)
+    conv.requires_grad_(False)
+    weight_bytes = conv.weight.numel() * 4  # 576 KiB
+    assert util.page_out_file_pages(torch.zeros(1 << 20)) == 0  # anonymous memory: left alone
+    with torch.no_grad():
+        assert conv.weight.sum() != 0  # touch every page
+        assert _mapping_rss(conv.weight) >= weight_bytes
+        out = conv(x)
+        assert conv._packed is not None
+        assert _mapping_rss(conv.weight) < weight_bytes // 4  # the weight's pages were handed back
+        assert rel_err(out, F.conv2d(x, want["weight"], want["bias"], 1, 1)) < 1e-5
+        out2 = conv(x[:1])  # another input shape: repacked from the packed copy, the weight is not read
+        assert _mapping_rss(conv.weight) < weight_bytes // 4
+        assert rel_err(out2, out[:1]) < 1e-6
+    assert torch.equal(conv.weight, want["weight"])  # read back from the file: the same values
+
+    written = Conv2d(256, 64, 3, padding=1).requires_grad_(False)
+    written.load_state_dict(load_file(str(path)), assign=True)
+    with torch.no_grad():
+        written.weight.mul_(2)  # copy-on-write: the pages are the process's own now, and are kept
+        out = written(x)
+        assert _mapping_rss(written.weight) >= weight_bytes
+    assert rel_err(out, 2 * F.conv2d(x, want["weight"], None, 1, 1) + want["bias"][:, None, None]) < 1e-5
 
 
 @pytestmark_mkldnn

@@ -2,8 +2,11 @@
 embedding and a few layer constructors whose names the reference configs and code use."""
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import platform
+import sys
 import weakref
 from typing import Optional
 
@@ -139,8 +142,12 @@ class Conv2d(nn.Conv2d):
     tensor, ``.to()``, or an in-place update such as ``ema_scope``'s copy), and it is not used while
     gradients are recorded or under ``torch.compile``. The result comes back in channels_last
     (oneDNN's native layout; same values), so the UNet's activations run in that layout after its
-    first conv. The cost: a second copy of each conv weight while it is cached (about 1.2 GB for
-    the SD v1 UNet in bfloat16, 2.4 GB in float32); :func:`set_conv_prepacking` turns it off.
+    first conv. The cost: a second copy of each conv weight while it is cached (1.1 GiB for the SD
+    v1 UNet in bfloat16, 2.2 GiB in float32); :func:`set_conv_prepacking` turns it off. When the
+    weight is still the unmodified page-cache copy of a memory-mapped checkpoint (the usual CPU
+    load), its pages are handed back to the kernel after packing (:func:`page_out_file_pages`), so
+    the packed copy replaces it in memory instead of doubling it. A later read of the weight
+    (saving, ``.to()``, training) maps it back in from the file.
     """
 
     _packed: Optional[tuple] = None  # (weakref to the weight, data_ptr, version, input shape, channels_last, packed)
@@ -156,11 +163,18 @@ class Conv2d(nn.Conv2d):
         key = (w.data_ptr(), _version(w), tuple(x.shape), channels_last)
         cached = self._packed
         if cached is None or cached[0]() is not w or cached[1:5] != key:
+            same_weight = cached is not None and cached[0]() is w and cached[1:3] == key[:2]
+            # Another input shape for the same weight: repack from the packed copy, so the weight
+            # itself (paged out below) is not read again.
+            source = cached[5].to_dense() if same_weight else w
             self._packed = cached = None  # free the old copy before making the new one
-            dense = w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            dense = source.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 dense, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            del source, dense
             self._packed = cached = (weakref.ref(w), *key, packed)
+            if not same_weight and key[1] == 0:
+                page_out_file_pages(w)
         return torch.ops.mkldnn._convolution_pointwise(
             x, cached[5], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "")
@@ -180,6 +194,48 @@ class Conv2d(nn.Conv2d):
     def __getstate__(self):  # copy.deepcopy and pickling: the cache is not part of the module
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {k: v for k, v in state.items() if k != "_packed"}
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing happens
+_libc = None
+
+
+def page_out_file_pages(t: torch.Tensor) -> int:
+    """Ask the kernel to reclaim the memory pages wholly inside ``t``'s data when they belong to a
+    private mapping of a file (a memory-mapped checkpoint); returns the bytes handed back (0
+    elsewhere: other platforms, anonymous memory, a tensor smaller than a page).
+
+    ``MADV_PAGEOUT`` only reclaims: it never changes what the memory holds. Clean pages are dropped
+    and read back from the file when next touched; pages that were written (copy-on-write) stay, or
+    go to swap. Only whole pages inside the tensor are named, so neighbouring tensors keep theirs.
+    """
+    global _libc
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = t.data_ptr()
+    lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+    if hi <= lo or not t.is_contiguous() or not _in_private_file_mapping(lo, hi):
+        return 0
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return hi - lo if _libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0 else 0
+
+
+def _in_private_file_mapping(lo: int, hi: int) -> bool:
+    """Whether ``[lo, hi)`` lies in one private mapping of a regular file (``/proc/self/maps``)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                a, b = (int(v, 16) for v in fields[0].split("-"))
+                if a <= lo < b:
+                    return (hi <= b and fields[1].endswith("p") and fields[4] != "0" and len(fields) == 6
+                            and fields[5].startswith("/"))
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
