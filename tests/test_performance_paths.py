@@ -146,9 +146,9 @@ def _mapping_rss(t: torch.Tensor) -> int:
 
 
 @pytestmark_mkldnn
-@pytest.mark.skipif(sys.platform != "linux", reason="MADV_PAGEOUT and /proc/self/smaps are Linux's")
-def test_prepacked_conv_pages_out_a_memory_mapped_weight(prepacking, tmp_path):
-    """A weight that is a clean memory-mapped checkpoint page is handed back after packing, so the
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise and /proc/self/smaps are Linux's")
+def test_prepacked_conv_releases_a_memory_mapped_weight(prepacking, tmp_path):
+    """A weight that is a clean memory-mapped checkpoint page is dropped from the process after packing, so the
     packed copy does not double its memory; its values are unchanged (read back from the file)."""
     from safetensors.torch import load_file, save_file
 
@@ -162,13 +162,13 @@ def test_prepacked_conv_pages_out_a_memory_mapped_weight(prepacking, tmp_path):
     conv.load_state_dict(mapped, assign=True)
     conv.requires_grad_(False)
     weight_bytes = conv.weight.numel() * 4  # 576 KiB
-    assert util.page_out_file_pages(torch.zeros(1 << 20)) == 0  # anonymous memory: left alone
+    assert util.release_file_pages(torch.zeros(1 << 20)) == 0  # anonymous memory: left alone
     with torch.no_grad():
         assert conv.weight.sum() != 0  # touch every page
         assert _mapping_rss(conv.weight) >= weight_bytes
         out = conv(x)
         assert conv._packed is not None
-        assert _mapping_rss(conv.weight) < weight_bytes // 4  # the weight's pages were handed back
+        assert _mapping_rss(conv.weight) < weight_bytes // 4  # the weight's pages were released
         assert rel_err(out, F.conv2d(x, want["weight"], want["bias"], 1, 1)) < 1e-5
         out2 = conv(x[:1])  # another input shape: repacked from the packed copy, the weight is not read
         assert _mapping_rss(conv.weight) < weight_bytes // 4
@@ -179,6 +179,7 @@ def test_prepacked_conv_pages_out_a_memory_mapped_weight(prepacking, tmp_path):
     written.load_state_dict(load_file(str(path)), assign=True)
     with torch.no_grad():
         written.weight.mul_(2)  # copy-on-write: the pages are the process's own now, and are kept
+        assert util.release_file_pages(written.weight) == 0
         out = written(x)
         assert _mapping_rss(written.weight) >= weight_bytes
     assert rel_err(out, 2 * F.conv2d(x, want["weight"], None, 1, 1) + want["bias"][:, None, None]) < 1e-5

@@ -145,9 +145,9 @@ class Conv2d(nn.Conv2d):
     first conv. The cost: a second copy of each conv weight while it is cached (1.1 GiB for the SD
     v1 UNet in bfloat16, 2.2 GiB in float32); :func:`set_conv_prepacking` turns it off. When the
     weight is still the unmodified page-cache copy of a memory-mapped checkpoint (the usual CPU
-    load), its pages are handed back to the kernel after packing (:func:`page_out_file_pages`), so
-    the packed copy replaces it in memory instead of doubling it. A later read of the weight
-    (saving, ``.to()``, training) maps it back in from the file.
+    load), its pages are dropped from the process after packing (:func:`release_file_pages`; they
+    stay in the page cache), so the packed copy replaces it in memory instead of doubling it. A
+    later read of the weight (saving, ``.to()``, training) maps it back in from the file.
     """
 
     _packed: Optional[tuple] = None  # (weakref to the weight, data_ptr, version, input shape, channels_last, packed)
@@ -174,7 +174,7 @@ class Conv2d(nn.Conv2d):
             del source, dense
             self._packed = cached = (weakref.ref(w), *key, packed)
             if not same_weight and key[1] == 0:
-                page_out_file_pages(w)
+                release_file_pages(w)
         return torch.ops.mkldnn._convolution_pointwise(
             x, cached[5], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "")
@@ -196,31 +196,48 @@ class Conv2d(nn.Conv2d):
         return {k: v for k, v in state.items() if k != "_packed"}
 
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing happens
+_MADV_DONTNEED = 4
 _libc = None
 
 
-def page_out_file_pages(t: torch.Tensor) -> int:
-    """Ask the kernel to reclaim the memory pages wholly inside ``t``'s data when they belong to a
-    private mapping of a file (a memory-mapped checkpoint); returns the bytes handed back (0
-    elsewhere: other platforms, anonymous memory, a tensor smaller than a page).
+def release_file_pages(t: torch.Tensor) -> int:
+    """Drop ``t``'s memory pages from this process when they are still the page-cache pages of a
+    privately mapped file (a memory-mapped checkpoint nobody wrote to); returns the bytes released
+    (0 elsewhere: other platforms, anonymous memory, written pages, a tensor smaller than a page).
 
-    ``MADV_PAGEOUT`` only reclaims: it never changes what the memory holds. Clean pages are dropped
-    and read back from the file when next touched; pages that were written (copy-on-write) stay, or
-    go to swap. Only whole pages inside the tensor are named, so neighbouring tensors keep theirs.
+    The data stays in the kernel's page cache and is mapped back in when next read, from the file,
+    so the values never change. ``MADV_DONTNEED`` would discard pages that were written
+    (copy-on-write copies of the file's), so ``/proc/self/pagemap`` is read first and anything but
+    untouched or file-backed pages leaves the tensor alone. Only whole pages inside the tensor are
+    named, so neighbouring tensors keep theirs.
     """
     global _libc
-    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
     start = t.data_ptr()
     lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
-    if hi <= lo or not t.is_contiguous() or not _in_private_file_mapping(lo, hi):
+    if hi <= lo or not _in_private_file_mapping(lo, hi) or not _only_file_pages(lo, hi, page):
         return 0
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return hi - lo if _libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0 else 0
+    return hi - lo if _libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0 else 0
+
+
+def _only_file_pages(lo: int, hi: int, page: int) -> bool:
+    """Whether every page of ``[lo, hi)`` is either not yet mapped in (and not swapped out) or a
+    page-cache page of the file (``/proc/self/pagemap``: bit 63 present, 62 swapped, 61 file)."""
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(lo // page * 8)
+            entries = np.frombuffer(f.read((hi - lo) // page * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    if entries.size != (hi - lo) // page:
+        return False
+    present, swapped, file = (entries >> np.uint64(63)) & 1, (entries >> np.uint64(62)) & 1, (entries >> np.uint64(61)) & 1
+    return bool(np.all(np.where(present == 1, file == 1, swapped == 0)))
 
 
 def _in_private_file_mapping(lo: int, hi: int) -> bool:
