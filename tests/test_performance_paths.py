@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoint import load_model_from_config
-from ldm.modules.attention import set_attention_slicing
+from ldm.modules import attention as attention_module
+from ldm.modules.attention import set_attention_backend, set_attention_slicing
 from ldm.modules.diffusionmodules import util
 from ldm.modules.diffusionmodules.openaimodel import compile_unet
 from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, set_conv_prepacking
@@ -66,6 +67,86 @@ def test_attention_slicing_matches_unsliced(tiny_model, unet_inputs):
 def test_attention_slicing_rejects_bad_size():
     with pytest.raises(ValueError, match="slice size"):
         set_attention_slicing(0)
+
+
+# -- blocked bf16 attention on the CPU ---------------------------------------------------------------
+
+needs_fast_bf16 = pytest.mark.skipif(not attention_module._cpu_has_fast_bf16_matmul(),
+                                     reason="the blocked bf16 attention runs on CPUs with AVX-512 BF16 only")
+
+
+@pytest.fixture
+def small_score_blocks(monkeypatch):
+    """Blocks of 40 query rows for 300 keys: several blocks and a short last one."""
+    monkeypatch.setattr(attention_module, "_BLOCKED_SCORE_BYTES", 300 * 2 * 40)
+
+
+@pytest.mark.parametrize("shape,keys,scale", [((2, 3, 130, 40), 300, None), ((1, 1, 90, 64), 300, 0.3)])
+def test_blocked_attention_matches_fp32(small_score_blocks, shape, keys, scale):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(shape, generator=g)
+    k, v = (torch.randn(*shape[:-2], keys, shape[-1], generator=g) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = attention_module._blocked_attention(qb, kb, vb, shape[-1] ** -0.5 if scale is None else scale)
+    flash = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    # bf16 scores cost about 1.5x the flash kernel's own bf16 error here (~4e-3)
+    assert rel_err(out, ref) < 1.5e-2
+    assert rel_err(out, ref) < 2.5 * rel_err(flash, ref)
+    # the same computation written out, rounding where the blocked form rounds
+    s = (torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * (shape[-1] ** -0.5 if scale is None else scale)).bfloat16()
+    emulated = torch.matmul(s.softmax(-1), vb)
+    assert rel_err(out, emulated) < 5e-3
+
+
+def test_attention_backend_dispatch(monkeypatch):
+    bf = torch.zeros(1, 2, 4, 256, 8, dtype=torch.bfloat16)[0]  # [2, 4, 256, 8]
+    monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: True)
+    use = attention_module._use_blocked
+    with torch.no_grad():
+        assert use(bf, bf, bf)
+        assert not use(bf.float(), bf.float(), bf.float())  # fp32: SDPA, as fast and exact
+        assert not use(bf, bf[..., :255, :], bf[..., :255, :])  # few keys (text tokens): SDPA
+        set_attention_backend("sdpa")
+        try:
+            assert not use(bf, bf, bf)
+        finally:
+            set_attention_backend("auto")
+    assert not use(bf.requires_grad_(), bf, bf)  # training: SDPA's backward
+    monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: False)
+    with torch.no_grad():
+        assert not use(bf.detach(), bf.detach(), bf.detach())
+    with pytest.raises(ValueError, match="attention backend"):
+        set_attention_backend("flash")
+
+
+@needs_fast_bf16
+def test_blocked_attention_in_the_bf16_models(tiny_ckpt, tiny_model, unet_inputs, monkeypatch):
+    """The tiny UNet and VAE in bf16, with every attention blocked, against fp32 and against SDPA."""
+    monkeypatch.setattr(attention_module, "_BLOCKED_MIN_KEYS", 1)  # the tiny model has few tokens
+    calls = []
+    blocked = attention_module._blocked_attention
+    monkeypatch.setattr(attention_module, "_blocked_attention", lambda *a: calls.append(a[0].shape) or blocked(*a))
+    model = load_model_from_config(load_config(), tiny_ckpt, dtype=torch.bfloat16)
+    x, t, context = unet_inputs
+    with torch.no_grad():
+        ref = tiny_model.apply_model(x, t, context)
+        out = model.apply_model(x, t, context)
+        n_unet = len(calls)
+        decoded = model.decode_first_stage(x[:1].bfloat16())
+        set_attention_backend("sdpa")
+        try:
+            sdpa = model.apply_model(x, t, context)
+            decoded_sdpa = model.decode_first_stage(x[:1].bfloat16())
+        finally:
+            set_attention_backend("auto")
+        decoded_ref = tiny_model.decode_first_stage(x[:1])
+    assert n_unet > 0 and len(calls) > n_unet  # the UNet's and the VAE's attention took the blocked path
+    assert rel_err(out, ref) < BF16_REL_TOL
+    assert rel_err(out, sdpa) < BF16_REL_TOL
+    assert rel_err(decoded.float(), decoded_ref) < BF16_REL_TOL
+    assert rel_err(decoded.float(), decoded_sdpa.float()) < BF16_REL_TOL
 
 
 # -- channels_last ---------------------------------------------------------------------------------

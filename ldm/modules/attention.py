@@ -2,21 +2,35 @@
 
 Attention runs through :func:`attention`, one place for the math: PyTorch's
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU, exact math on CPU),
-optionally in query slices to bound peak memory on small cards.
+optionally in query slices to bound peak memory on small cards, and for bfloat16 on CPUs with
+AVX-512 BF16 a row-blocked matmul form that runs about twice as fast there (see
+:func:`set_attention_backend`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import Conv2d, checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import Conv2d, _is_compiling, checkpoint, zero_module
 
 # Number of query positions per attention call; None = all at once. Set by
 # :func:`set_attention_slicing` (a memory/speed trade-off for small GPUs; same numbers).
 _SLICE_SIZE: Optional[int] = None
+
+# "auto": the blocked-matmul form where it was measured faster (see attention()); "sdpa": always
+# PyTorch's scaled_dot_product_attention.
+_BACKEND = "auto"
+ATTENTION_BACKENDS = ("auto", "sdpa")
+
+# The blocked form runs where it was measured faster: keys at least this many (below, e.g. the
+# 77 text tokens of cross-attention, SDPA is as fast) ...
+_BLOCKED_MIN_KEYS = 256
+# ... and a block of scores of about this many bytes (it stays in the CPU's cache).
+_BLOCKED_SCORE_BYTES = 4 << 20
 
 
 def set_attention_slicing(slice_size: Optional[int]) -> None:
@@ -25,6 +39,33 @@ def set_attention_slicing(slice_size: Optional[int]) -> None:
     if slice_size is not None and slice_size < 1:
         raise ValueError(f"attention slice size must be >= 1 or None, got {slice_size}")
     _SLICE_SIZE = slice_size
+
+
+def set_attention_backend(name: str) -> None:
+    """``"auto"`` (the default) or ``"sdpa"``.
+
+    ``"auto"`` runs bfloat16 inference attention on CPUs with AVX-512 BF16 (and no AMX, where
+    PyTorch's flash kernel has its own fast path) in blocks of query rows, each
+    ``softmax(scale·q·kᵀ)·v`` as two oneDNN bf16 matmuls, whenever there are at least 256 keys:
+    about 2.3x faster than the SDPA flash kernel for SD v1's 4096-token self-attention at 512x512.
+    The scores are rounded to bfloat16 before the softmax (the flash kernel keeps them in float32),
+    as in the reference code under bf16 autocast; the attention output moves by about 1.5x the
+    flash kernel's own bf16 error. Everywhere else, and with ``"sdpa"``, PyTorch's
+    ``scaled_dot_product_attention`` runs.
+    """
+    global _BACKEND
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    _BACKEND = name
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_fast_bf16_matmul() -> bool:
+    """AVX-512 BF16 without AMX tiles: where the blocked form was measured (AMD Zen 4)."""
+    from ldm.devices import cpu_supports_bf16
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return cpu_supports_bf16() and not (callable(amx) and amx())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -38,10 +79,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         # The CPU flash kernel walks rows of each head: with heads split out of [B, N, h·d]
         # (strided views) it runs about 5% slower than on contiguous copies, which cost far less.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if _use_blocked(q, k, v):
+            return _blocked_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     if _SLICE_SIZE is None or q.shape[-2] <= _SLICE_SIZE:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return torch.cat([F.scaled_dot_product_attention(q[..., i:i + _SLICE_SIZE, :], k, v, scale=scale)
                       for i in range(0, q.shape[-2], _SLICE_SIZE)], dim=-2)
+
+
+def _use_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (_BACKEND == "auto" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and k.shape[-2] >= _BLOCKED_MIN_KEYS and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not _is_compiling() and _cpu_has_fast_bf16_matmul())
+
+
+def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`attention` for contiguous CPU tensors without autograd, one head and one block of
+    query rows at a time: ``S = scale·q·kᵀ`` (one matmul; the scale is applied in float32 before
+    rounding), ``softmax(S)·v`` (another). The score block, about 4 MiB, is reused."""
+    *lead, n, d = q.shape
+    m, dv = k.shape[-2], v.shape[-1]
+    q, k, v = q.reshape(-1, n, d), k.reshape(-1, m, d), v.reshape(-1, m, dv)
+    out = q.new_empty(q.shape[0], n, dv)
+    rows = max(1, min(n, _BLOCKED_SCORE_BYTES // (m * q.element_size())))
+    scores = q.new_empty(rows, m)
+    for j in range(q.shape[0]):
+        kt, vj = k[j].t(), v[j]
+        for i in range(0, n, rows):
+            s = scores[:min(rows, n - i)]
+            torch.addmm(s, q[j, i:i + rows], kt, beta=0, alpha=scale, out=s)  # beta 0: s's old values unused
+            torch.mm(torch.softmax(s, -1), vj, out=out[j, i:i + rows])
+    return out.reshape(*lead, n, dv)
 
 
 class GEGLU(nn.Module):

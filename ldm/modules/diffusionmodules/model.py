@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import attention
+
 logger = logging.getLogger(__name__)
 
 ATTN_TYPES = ("vanilla", "linear", "none")
@@ -125,8 +127,8 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions with 1x1-conv projections and a residual.
 
     ``out = x + proj_out(softmax(q k^T * C**-0.5) v)`` with q, k, v = 1x1 convs of GN(x).
-    Computed with ``F.scaled_dot_product_attention`` (fused/memory-efficient kernels where the
-    device has them; exact math on the CPU).
+    Computed by :func:`ldm.modules.attention.attention` (PyTorch's scaled_dot_product_attention, or
+    its blocked bf16 form on the CPU), like the UNet's.
     """
 
     def __init__(self, in_channels: int):
@@ -144,7 +146,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         # (B, C, H, W) -> (B, 1, H*W, C): one head, positions as the sequence axis.
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(h_), self.k(h_), self.v(h_)))
-        out = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** -0.5)  # (B, 1, H*W, C)
+        out = attention(q, k, v, scale=int(c) ** -0.5)  # (B, 1, H*W, C)
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
