@@ -102,6 +102,8 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--e2e-steps", type=int, default=None, help="CUDA end-to-end steps (default 50; 0 = off)")
     p.add_argument("--no-prepack", action="store_true", help="also time ours with the CPU conv weight prepacking off")
     p.add_argument("--channels-last", action="store_true", help="also time our UNet with channels_last weights")
+    p.add_argument("--sdpa-attention", action="store_true",
+                   help="also time ours with attention always in PyTorch's SDPA (set_attention_backend('sdpa'))")
     p.add_argument("--compile", action="store_true",
                    help="also time our UNet under torch.compile with weight freezing (minutes of compiling per shape)")
     p.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero (see above)")
@@ -153,8 +155,8 @@ def parse_args(argv=None) -> Settings:
                     threads=a.threads or torch.get_num_threads(), skip_load=a.skip_load or a.quick,
                     psnr=not (a.no_psnr or a.quick or cuda), vae_size=vae_size, tiled_vae=tiled,
                     e2e_steps=0 if not cuda else (50 if a.e2e_steps is None else a.e2e_steps),
-                    variants=[v for v, on in (("no prepack", a.no_prepack), ("channels_last", a.channels_last),
-                                              ("compiled", a.compile)) if on],
+                    variants=[v for v, on in (("no prepack", a.no_prepack), ("sdpa attention", a.sdpa_attention),
+                                              ("channels_last", a.channels_last), ("compiled", a.compile)) if on],
                     flush_denormal=not a.keep_denormals,
                     clock=a.clock, cache_dir=cache, write_doc=not a.no_write)
 
@@ -352,8 +354,9 @@ class Ours:
     """This toolkit: ``load_model_from_config`` and the DDIM sampler from the registry.
 
     :param variant: ``None`` (library defaults), ``"channels_last"`` (UNet weights in channels_last),
-        ``"compiled"`` (:func:`compile_unet` with weight freezing) or ``"no prepack"`` (the CPU conv
-        weight prepacking switched off while this side runs).
+        ``"compiled"`` (:func:`compile_unet` with weight freezing), ``"no prepack"`` (the CPU conv
+        weight prepacking switched off while this side runs) or ``"sdpa attention"`` (attention always
+        in PyTorch's SDPA while this side runs, :func:`set_attention_backend`).
     """
 
     def __init__(self, paths: dict, dtype, device: str, variant: Optional[str] = None):
@@ -369,22 +372,26 @@ class Ours:
             self.model.model.diffusion_model.to(memory_format=torch.channels_last)
         elif variant == "compiled":
             compile_unet(self.model, freezing=True)
-        elif variant not in (None, "no prepack"):
+        elif variant not in (None, "no prepack", "sdpa attention"):
             raise ValueError(f"unknown variant {variant!r}")
         self.name = "ours" if variant is None else f"ours ({variant})"
         self.prepack = variant != "no prepack"
+        self.attention_backend = "sdpa" if variant == "sdpa attention" else "auto"
         self.sampler = make_sampler("ddim", self.model)
         self.device = device
 
     @contextlib.contextmanager
     def _switches(self):
+        from ldm.modules.attention import set_attention_backend
         from ldm.modules.diffusionmodules.util import set_conv_prepacking
 
         set_conv_prepacking(self.prepack)
+        set_attention_backend(self.attention_backend)
         try:
             yield
         finally:
             set_conv_prepacking(True)
+            set_attention_backend("auto")
 
     def encode(self, batch: int):
         import torch
@@ -404,7 +411,7 @@ class Ours:
     def decode(self, z):
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self._switches():
             return self.model.decode_first_stage(z)
 
     def packed_conv_mb(self) -> float:
@@ -783,7 +790,7 @@ def bench_load(s: Settings, paths: dict, row, extra: dict) -> None:
         r_time = row("load to ready", name, "s")
         r_ready = row("load: peak memory when ready", name, "GiB")
         r_total = row("load + one 256x256 sampling run: peak memory", name, "GiB")
-        for rep in range(s.repeats):
+        for rep in range(max(3, s.repeats)):  # a median of 3: one start in a few runs ~1 s slow (kernel)
             for side in sides:
                 seconds, reports = run_child({"task": "load", "side": side, "dtype": name, "footprint": rep == 0}, s, paths)
                 log.info("load %s %s: %.1f s, %s", side, name, seconds, reports)
@@ -890,7 +897,8 @@ def machine_lines(s: Settings) -> list[str]:
         lines.append(f"- GPU: {torch.cuda.get_device_name(s.device)}")
     lines.append(f"- settings: device {s.device}, dtypes {','.join(s.dtypes)}, sizes x batches "
                  f"{', '.join(f'{a}x{a} B={b}' for a, b in s.configs)}, {s.steps} DDIM steps per timed run "
-                 f"(the first untimed), {s.repeats} runs per side alternating ours/diffusers, guidance {GUIDANCE}, eta 0; "
+                 f"(the first untimed), {s.repeats} runs per side alternating ours/diffusers ({max(3, s.repeats)} for load), "
+                 f"guidance {GUIDANCE}, eta 0; "
                  f"denormals {'flushed to zero' if s.flush_denormal else 'kept'}; times are "
                  f"{'elapsed (wall) seconds' if s.clock == 'wall' else 'CPU seconds of the process (--clock cpu)'}")
     return lines

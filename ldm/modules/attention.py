@@ -49,8 +49,10 @@ def set_attention_backend(name: str) -> None:
     ``softmax(scale·q·kᵀ)·v`` as two oneDNN bf16 matmuls, whenever there are at least 256 keys:
     about 2.3x faster than the SDPA flash kernel for SD v1's 4096-token self-attention at 512x512.
     The scores are rounded to bfloat16 before the softmax (the flash kernel keeps them in float32),
-    as in the reference code under bf16 autocast; the attention output moves by about 1.5x the
-    flash kernel's own bf16 error. Everywhere else, and with ``"sdpa"``, PyTorch's
+    as in the reference code under bf16 autocast. On random inputs the attention output's error
+    against float32 is 1.5x (unit-variance logits) to 2.2x (logits of std 2) the flash kernel's
+    own bf16 error; on SD v1 (random weights) a 10-step 256x256 image is 49.6 dB from the float32
+    image, against 49.7 dB with SDPA. Everywhere else, and with ``"sdpa"``, PyTorch's
     ``scaled_dot_product_attention`` runs.
     """
     global _BACKEND
