@@ -92,7 +92,7 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--batches", default=None, help="comma list of batch sizes (images per prompt batch)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per side and setting (default 2 on cpu, 3 on cuda)")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps per timed run, the first untimed; must divide 1000 (default 2 on cpu, 10 on cuda)")
+                   help="DDIM steps per timed run, the first untimed; must divide 1000 (default 4 on cpu, 10 on cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's default)")
     p.add_argument("--skip-load", action="store_true", help="skip the load-time subprocesses")
     p.add_argument("--no-psnr", action="store_true", help="skip the bf16-vs-fp32 image check")
@@ -136,7 +136,7 @@ def parse_args(argv=None) -> Settings:
     for size, batch in configs:
         if size % 64 or size < 64 or batch < 1:
             p.error(f"size {size} must be a positive multiple of 64 and batch {batch} >= 1")
-    steps = a.steps if a.steps is not None else (10 if cuda else 2)
+    steps = a.steps if a.steps is not None else (10 if cuda else 4)
     if steps < 2 or 1000 % steps:
         p.error(f"--steps must be >= 2 and divide 1000 (so both DDIM implementations visit the same timesteps), got {steps}")
     repeats = a.repeats if a.repeats is not None else (1 if a.quick else (3 if cuda else 2))

@@ -165,7 +165,7 @@ class Conv2d(nn.Conv2d):
         if cached is None or cached[0]() is not w or cached[1:5] != key:
             same_weight = cached is not None and cached[0]() is w and cached[1:3] == key[:2]
             # Another input shape for the same weight: repack from the packed copy, so the weight
-            # itself (paged out below) is not read again.
+            # itself (released below) is not read again.
             source = cached[5].to_dense() if same_weight else w
             self._packed = cached = None  # free the old copy before making the new one
             dense = source.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
