@@ -19,7 +19,7 @@ from ldm.modules import attention as attention_module
 from ldm.modules.attention import set_attention_backend, set_attention_slicing
 from ldm.modules.diffusionmodules import util
 from ldm.modules.diffusionmodules.openaimodel import compile_unet
-from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, set_conv_prepacking
+from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, set_conv_prepacking, set_onednn_linear
 from tests.helpers import REPO, load_config, rel_err
 
 # Tolerance of the bf16 model against fp32 on the tiny reference model (relative L2 of eps).
@@ -299,6 +299,57 @@ def test_prepacking_switch_and_unet_parity(tiny_model, unet_inputs, parity, prep
     assert all(m._packed is None for m in unet.modules() if isinstance(m, Conv2d))  # freed
     assert rel_err(packed, plain) < 1e-5
     assert rel_err(packed, parity["unet"]["eps"]) < 1e-5
+
+
+# -- oneDNN linear layers ----------------------------------------------------------------------------
+
+@pytest.fixture
+def onednn_linear():
+    """Restore the oneDNN linear switch whatever a test does with it."""
+    yield
+    set_onednn_linear(True)
+
+
+@pytestmark_mkldnn
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear(onednn_linear, monkeypatch, dtype, tol, bias):
+    g = torch.Generator().manual_seed(0)
+    lin = util.Linear(96, 40, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=g) / 10)
+        if bias:
+            lin.bias.copy_(torch.randn(40, generator=g))
+    lin = lin.to(dtype)
+    x = torch.randn(3, 17, 96, generator=g).to(dtype)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(util, "_onednn_linear_op", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+    with torch.no_grad():
+        out = lin(x)
+        strided = lin(x.transpose(0, 1))  # a non-contiguous input
+        set_onednn_linear(False)
+        plain = lin(x)
+    ref = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    assert out.dtype == dtype and out.shape == (3, 17, 40)
+    assert rel_err(out.double(), ref) < tol and rel_err(plain.double(), ref) < tol
+    assert rel_err(strided.double(), ref.transpose(0, 1)) < tol
+    assert calls == [(3, 17, 96), (17, 3, 96)]  # the oneDNN op ran, then the switch turned it off
+
+
+@pytestmark_mkldnn
+def test_onednn_linear_not_used_for_training_or_other_dtypes(onednn_linear, monkeypatch):
+    lin = util.Linear(8, 4)
+    calls = []
+    monkeypatch.setattr(util, "_onednn_linear_op", lambda *a: calls.append(1), raising=False)
+    out = lin(torch.randn(5, 8))  # gradients recorded: the autograd path
+    out.sum().backward()
+    assert lin.weight.grad is not None and not calls
+    with torch.no_grad():
+        lin.double()(torch.randn(5, 8, dtype=torch.float64))
+        lin.float()(torch.randn(8))  # 1-D input
+    assert not calls
+    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
 
 
 # -- bf16 ------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import Linear
+
 log = logging.getLogger(__name__)
 
 # transformers config bookkeeping that has no effect on the network's numbers
@@ -137,10 +139,10 @@ class CLIPAttention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         """:param x: ``[B, L, D]``; :param causal: position i attends to positions <= i only."""
@@ -156,8 +158,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
         self.act = _activation(act)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
