@@ -26,6 +26,8 @@ from tests.helpers import REPO, load_config, rel_err
 # Measured 4e-3 with bf16 weights and activations; bf16 keeps 8 bits of mantissa (2^-8 = 3.9e-3).
 BF16_REL_TOL = 2e-2
 
+pytestmark_mkldnn = pytest.mark.skipif(not util._MKLDNN_CONV, reason="this PyTorch has no oneDNN conv/linear ops")
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
@@ -69,7 +71,7 @@ def test_attention_slicing_rejects_bad_size():
         set_attention_slicing(0)
 
 
-# -- blocked bf16 attention on the CPU ---------------------------------------------------------------
+# -- blocked attention on the CPU ----------------------------------------------------------------------
 
 needs_fast_bf16 = pytest.mark.skipif(not attention_module._cpu_has_fast_bf16_matmul(),
                                      reason="the blocked bf16 attention runs on CPUs with AVX-512 BF16 only")
@@ -77,15 +79,32 @@ needs_fast_bf16 = pytest.mark.skipif(not attention_module._cpu_has_fast_bf16_mat
 
 @pytest.fixture
 def small_score_blocks(monkeypatch):
-    """Blocks of 40 query rows for 300 keys: several blocks and a short last one."""
+    """Blocks of 40 (bf16) or 20 (fp32) query rows for 300 keys: several blocks, a short last one."""
     monkeypatch.setattr(attention_module, "_BLOCKED_SCORE_BYTES", 300 * 2 * 40)
 
 
-@pytest.mark.parametrize("shape,keys,scale", [((2, 3, 130, 40), 300, None), ((1, 1, 90, 64), 300, 0.3)])
-def test_blocked_attention_matches_fp32(small_score_blocks, shape, keys, scale):
+def _qkv(shape, keys):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(shape, generator=g)
     k, v = (torch.randn(*shape[:-2], keys, shape[-1], generator=g) for _ in range(2))
+    return q, k, v
+
+
+BLOCKED_CASES = [((2, 3, 130, 40), 300, None), ((1, 1, 90, 64), 300, 0.3)]
+
+
+@pytestmark_mkldnn
+@pytest.mark.parametrize("shape,keys,scale", BLOCKED_CASES)
+def test_blocked_attention_fp32_matches_sdpa(small_score_blocks, shape, keys, scale):
+    q, k, v = _qkv(shape, keys)
+    out = attention_module._blocked_attention(q, k, v, shape[-1] ** -0.5 if scale is None else scale)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, scale=scale)) < 2e-6
+
+
+@pytest.mark.parametrize("shape,keys,scale", BLOCKED_CASES)
+def test_blocked_attention_bf16_matches_fp32(small_score_blocks, shape, keys, scale):
+    q, k, v = _qkv(shape, keys)
     ref = F.scaled_dot_product_attention(q, k, v, scale=scale)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     out = attention_module._blocked_attention(qb, kb, vb, shape[-1] ** -0.5 if scale is None else scale)
@@ -101,13 +120,16 @@ def test_blocked_attention_matches_fp32(small_score_blocks, shape, keys, scale):
 
 
 def test_attention_backend_dispatch(monkeypatch):
-    bf = torch.zeros(1, 2, 4, 256, 8, dtype=torch.bfloat16)[0]  # [2, 4, 256, 8]
+    bf = torch.zeros(1, 2, 4, 256, 8, dtype=torch.bfloat16)[0]  # [2, 4, 256, 8]: 65536 scores a head
     monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: True)
+    monkeypatch.setattr(util, "_MKLDNN_LINEAR", True)
     use = attention_module._use_blocked
     with torch.no_grad():
         assert use(bf, bf, bf)
-        assert not use(bf.float(), bf.float(), bf.float())  # fp32: SDPA, as fast and exact
-        assert not use(bf, bf[..., :255, :], bf[..., :255, :])  # few keys (text tokens): SDPA
+        assert use(bf.float(), bf.float(), bf.float())
+        assert not use(bf.half(), bf.half(), bf.half())  # fp16 on the CPU: SDPA
+        assert not use(bf, bf[..., :255, :], bf[..., :255, :])  # fewer scores: SDPA
+        assert not use(bf[:, :, :255], bf, bf)
         set_attention_backend("sdpa")
         try:
             assert not use(bf, bf, bf)
@@ -115,38 +137,42 @@ def test_attention_backend_dispatch(monkeypatch):
             set_attention_backend("auto")
     assert not use(bf.requires_grad_(), bf, bf)  # training: SDPA's backward
     monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: False)
+    monkeypatch.setattr(util, "_MKLDNN_LINEAR", False)
     with torch.no_grad():
-        assert not use(bf.detach(), bf.detach(), bf.detach())
+        bf = bf.detach()
+        assert not use(bf, bf, bf) and not use(bf.float(), bf.float(), bf.float())
     with pytest.raises(ValueError, match="attention backend"):
         set_attention_backend("flash")
 
 
-@needs_fast_bf16
-def test_blocked_attention_in_the_bf16_models(tiny_ckpt, tiny_model, unet_inputs, monkeypatch):
-    """The tiny UNet and VAE in bf16, with every attention blocked, against fp32 and against SDPA."""
-    monkeypatch.setattr(attention_module, "_BLOCKED_MIN_KEYS", 1)  # the tiny model has few tokens
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_fast_bf16)])
+@pytestmark_mkldnn
+def test_blocked_attention_in_the_models(tiny_ckpt, tiny_model, unet_inputs, monkeypatch, dtype):
+    """The tiny UNet and VAE with every attention blocked, against fp32 and against SDPA."""
+    monkeypatch.setattr(attention_module, "_BLOCKED_MIN_SCORES", 1)  # the tiny model has few tokens
     calls = []
     blocked = attention_module._blocked_attention
     monkeypatch.setattr(attention_module, "_blocked_attention", lambda *a: calls.append(a[0].shape) or blocked(*a))
-    model = load_model_from_config(load_config(), tiny_ckpt, dtype=torch.bfloat16)
+    model = load_model_from_config(load_config(), tiny_ckpt, dtype=dtype)
     x, t, context = unet_inputs
     with torch.no_grad():
         ref = tiny_model.apply_model(x, t, context)
         out = model.apply_model(x, t, context)
         n_unet = len(calls)
-        decoded = model.decode_first_stage(x[:1].bfloat16())
+        decoded = model.decode_first_stage(x[:1].to(dtype))
         set_attention_backend("sdpa")
         try:
             sdpa = model.apply_model(x, t, context)
-            decoded_sdpa = model.decode_first_stage(x[:1].bfloat16())
+            decoded_sdpa = model.decode_first_stage(x[:1].to(dtype))
         finally:
             set_attention_backend("auto")
         decoded_ref = tiny_model.decode_first_stage(x[:1])
     assert n_unet > 0 and len(calls) > n_unet  # the UNet's and the VAE's attention took the blocked path
-    assert rel_err(out, ref) < BF16_REL_TOL
-    assert rel_err(out, sdpa) < BF16_REL_TOL
-    assert rel_err(decoded.float(), decoded_ref) < BF16_REL_TOL
-    assert rel_err(decoded.float(), decoded_sdpa.float()) < BF16_REL_TOL
+    tol = 1e-5 if dtype == torch.float32 else BF16_REL_TOL
+    assert rel_err(out, ref) < tol
+    assert rel_err(out, sdpa) < tol
+    assert rel_err(decoded.float(), decoded_ref) < tol
+    assert rel_err(decoded.float(), decoded_sdpa.float()) < tol
 
 
 # -- channels_last ---------------------------------------------------------------------------------
@@ -163,9 +189,6 @@ def test_channels_last_matches(tiny_model, unet_inputs):
 
 
 # -- prepacked CPU convolutions --------------------------------------------------------------------
-
-pytestmark_mkldnn = pytest.mark.skipif(not util._MKLDNN_CONV, reason="this PyTorch has no oneDNN conv ops")
-
 
 def _conv_pair(cin=16, cout=24, **kwargs):
     g = torch.Generator().manual_seed(0)
