@@ -135,6 +135,8 @@ def test_attention_backend_dispatch(monkeypatch):
             assert not use(bf, bf, bf)
         finally:
             set_attention_backend("auto")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not use(bf, bf, bf)
     assert not use(bf.requires_grad_(), bf, bf)  # training: SDPA's backward
     monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: False)
     monkeypatch.setattr(util, "_MKLDNN_LINEAR", False)
@@ -371,6 +373,8 @@ def test_onednn_linear_not_used_for_training_or_other_dtypes(onednn_linear, monk
     with torch.no_grad():
         lin.double()(torch.randn(5, 8, dtype=torch.float64))
         lin.float()(torch.randn(8))  # 1-D input
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts belong to F.linear
+            assert lin(torch.randn(5, 8)).dtype == torch.bfloat16
     assert not calls
     assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
 

@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules import util
-from ldm.modules.diffusionmodules.util import Conv2d, Linear, _is_compiling, checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import Conv2d, Linear, _is_compiling, checkpoint, cpu_autocast, zero_module
 
 # Number of query positions per attention call; None = all at once. Set by
 # :func:`set_attention_slicing` (a memory/speed trade-off for small GPUs; same numbers).
@@ -62,8 +62,8 @@ def set_attention_backend(name: str) -> None:
       weights) a 10-step 256x256 image is 49.6 dB from the float32 image, against 49.7 dB with
       SDPA.
 
-    Everywhere else (GPUs, autograd, ``torch.compile``, small attentions, other dtypes), and with
-    ``"sdpa"``, PyTorch's ``scaled_dot_product_attention`` runs.
+    Everywhere else (GPUs, autograd, ``torch.compile``, CPU autocast, small attentions, other
+    dtypes), and with ``"sdpa"``, PyTorch's ``scaled_dot_product_attention`` runs.
     """
     global _BACKEND
     if name not in ATTENTION_BACKENDS:
@@ -103,7 +103,7 @@ def _use_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if not (_BACKEND == "auto" and q.dtype == k.dtype == v.dtype and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
             and q.shape[-2] * k.shape[-2] >= _BLOCKED_MIN_SCORES
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not _is_compiling()):
+            and not _is_compiling() and not cpu_autocast()):
         return False
     if q.dtype == torch.float32:
         return util._MKLDNN_LINEAR

@@ -196,7 +196,7 @@ class Conv2d(nn.Conv2d):
                 and x.dtype in (torch.float32, torch.bfloat16) and w.layout == torch.strided
                 and (self.bias is None or self.bias.dtype == w.dtype)
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) and not cpu_autocast())
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # .to()/.half()/...: the packed copy belongs to the old weight
@@ -234,7 +234,7 @@ class Linear(nn.Linear):
                 and w.layout == torch.strided and w.is_contiguous() and (b is None or b.dtype == w.dtype)
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad
                                                       or (b is not None and b.requires_grad)))
-                and not _is_compiling())
+                and not cpu_autocast() and not _is_compiling())
 
 
 _MADV_DONTNEED = 4
@@ -302,6 +302,15 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return t._version
     except RuntimeError:
         return None
+
+
+def cpu_autocast() -> bool:
+    """Whether CPU autocast is on: the oneDNN fast paths then step aside, since autocast's casts
+    belong to ``F.conv2d``/``F.linear``/SDPA and the direct oneDNN ops would bypass them."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # PyTorch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def _is_compiling() -> bool:
