@@ -395,6 +395,22 @@ def test_onednn_linear_not_used_for_training_or_other_dtypes(onednn_linear, monk
     assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
 
 
+def test_geglu_inference_in_place_equals_autograd_path():
+    from ldm.modules.attention import GEGLU
+
+    g = torch.Generator().manual_seed(0)
+    ff = GEGLU(16, 24)
+    x = torch.randn(2, 5, 16, generator=g)
+    out = ff(x)  # autograd path: a * gelu(gate) out of place
+    out.square().sum().backward()
+    assert ff.proj.weight.grad is not None
+    with torch.no_grad():
+        a, gate = ff.proj(x).chunk(2, dim=-1)
+        fast = ff(x)  # GELU in place on the gate half
+        assert torch.equal(fast, a * F.gelu(gate))
+    assert rel_err(fast, out.detach()) < 1e-6  # (the autograd path's projection is F.linear)
+
+
 # -- bf16 ------------------------------------------------------------------------------------------
 
 def test_groupnorm32_native_bf16_equals_upcast():
