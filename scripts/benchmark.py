@@ -790,7 +790,7 @@ def bench_load(s: Settings, paths: dict, row, extra: dict) -> None:
         r_time = row("load to ready", name, "s")
         r_ready = row("load: peak memory when ready", name, "GiB")
         r_total = row("load + one 256x256 sampling run: peak memory", name, "GiB")
-        for rep in range(max(3, s.repeats)):  # a median of 3: one start in a few runs ~1 s slow (kernel)
+        for rep in range(max(3, s.repeats)):  # a median of 3: now and then one start is 1-2.5 s slow (cause not found)
             for side in sides:
                 seconds, reports = run_child({"task": "load", "side": side, "dtype": name, "footprint": rep == 0}, s, paths)
                 log.info("load %s %s: %.1f s, %s", side, name, seconds, reports)

@@ -131,7 +131,7 @@ class AttnBlock(nn.Module):
 
     ``out = x + proj_out(softmax(q k^T * C**-0.5) v)`` with q, k, v = 1x1 convs of GN(x).
     Computed by :func:`ldm.modules.attention.attention` (PyTorch's scaled_dot_product_attention, or
-    its blocked bf16 form on the CPU), like the UNet's.
+    its blocked form for CPU inference), like the UNet's.
     """
 
     def __init__(self, in_channels: int):

@@ -151,7 +151,7 @@ class Conv2d(nn.Conv2d):
     reorder costs as much as the convolution itself. Here the reordered weight is made once per
     (weight, input shape, memory format) and reused. It is rebuilt when the weight changes (another
     tensor, ``.to()``, or an in-place update such as ``ema_scope``'s copy), and it is not used while
-    gradients are recorded or under ``torch.compile``. The result comes back in channels_last
+    gradients are recorded, under CPU autocast or under ``torch.compile``. The result comes back in channels_last
     (oneDNN's native layout; same values), so the UNet's activations run in that layout after its
     first conv. The cost: a second copy of each conv weight while it is cached (1.1 GiB for the SD
     v1 UNet in bfloat16, 2.2 GiB in float32); :func:`set_conv_prepacking` turns it off. When the
@@ -218,8 +218,8 @@ class Linear(nn.Linear):
     one, 4.1 → 1.9 ms for CLIP's 768→3072 over 154 tokens; in bfloat16, where both sides already
     use oneDNN, it saves the bias broadcast (35 → 30 ms for the first). float32 stays float32:
     the results match ``F.linear`` to ~3e-7 relative (summation order). Used for float32 and
-    bfloat16 on x86-64 when no gradient is recorded and not under ``torch.compile``;
-    :func:`set_onednn_linear` turns it off.
+    bfloat16 on x86-64 when no gradient is recorded, not under CPU autocast and not under
+    ``torch.compile``; :func:`set_onednn_linear` turns it off.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
