@@ -26,6 +26,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ldm.ops import release_mapped_range
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -147,8 +149,8 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
     file: nothing is read until it is used).
 
     The file is mapped read-only and walked in file order; each tensor is cast (or copied) out of
-    the mapping and the pages it occupied are then released (``MADV_DONTNEED``, harmless on a
-    read-only file mapping), so the process never holds much more than the model in ``dtype``.
+    the mapping and the pages it occupied are then released (:func:`ldm.ops.release_mapped_range`),
+    so the process never holds much more than the model in ``dtype``.
 
     Format: 8 bytes little-endian header length N, N bytes of JSON ``{key: {dtype, shape,
     data_offsets: [begin, end]}}`` (offsets from the end of the header), then the data."""
@@ -181,7 +183,7 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
         if not any(cast(key, src) for _, _, key, src, _ in entries):
             return None
         out = {}
-        base, page = 8 + n, mmap.PAGESIZE
+        base = 8 + n
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for begin, end, key, src, shape in sorted(entries):  # file order
                 if end == begin:
@@ -192,9 +194,7 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
                     view = torch.frombuffer(mm, dtype=src, count=(end - begin) // src.itemsize, offset=base + begin)
                 out[key] = (view.to(dtype) if cast(key, src) else view.clone()).reshape(shape)
                 del view
-                lo, hi = (base + begin) // page * page, (base + end) // page * page
-                if hasattr(mm, "madvise") and hi > lo:
-                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                release_mapped_range(mm, base + begin, base + end)
     return out
 
 
@@ -225,12 +225,6 @@ def ema_key(param_name: str) -> str:
     return EMA_PREFIX + param_name[len(UNET_PREFIX):].replace(".", "")
 
 
-def _is_schedule_key(key: str) -> bool:
-    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
-
-    return key in SCHEDULE_BUFFERS
-
-
 BENIGN = """\
 - cond_stage_model...embeddings.position_ids: present in files written with transformers < 4.31
   (all official SD v1 files), absent from newer ones; always reset to arange(77).
@@ -239,7 +233,7 @@ BENIGN = """\
 - model_ema.* absent while the config has use_ema True (e.g. the SD inpainting release): the
   shadows start as copies of the loaded weights, so ema_scope() changes nothing.
 - the 12 noise-schedule buffers absent (some community conversions): the values computed from
-  the config are kept.
+  the config are kept. (The model names such keys in its ``optional_checkpoint_keys``.)
 """
 
 
@@ -272,7 +266,8 @@ def resolve_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
     unexpected = [k for k in sd if k not in expected]
     # model_ema.* may be absent: shadows are then copied (use_ema None) or the module is dropped.
-    missing = [k for k in expected if k not in sd and not _benign_missing(k, has_ema_module)]
+    optional = frozenset(getattr(model, "optional_checkpoint_keys", ()))
+    missing = [k for k in expected if k not in sd and not _benign_missing(k, optional, has_ema_module)]
     wrong_shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in sd
                    if k in expected and sd[k].shape != expected[k].shape]
     problems = []
@@ -289,8 +284,8 @@ def resolve_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     return sd
 
 
-def _benign_missing(key: str, ema_allowed_missing: bool) -> bool:
-    return (key == POSITION_IDS or _is_schedule_key(key) or key in EMA_COUNTERS
+def _benign_missing(key: str, optional: frozenset, ema_allowed_missing: bool) -> bool:
+    return (key == POSITION_IDS or key in optional or key in EMA_COUNTERS
             or (ema_allowed_missing and key.startswith(EMA_PREFIX)))
 
 
@@ -315,15 +310,16 @@ def load_weights_into(model: nn.Module, source: Union[PathLike, Mapping[str, tor
         source = {k: v.clone() for k, v in source.items()}
     if only_model:
         source = {k: v for k, v in source.items() if k.startswith(UNET_PREFIX)}
-        model = _UnetView(model)
+        model = _DiffusionModelOnly(model)
     sd = resolve_state_dict(model, source, use_ema=use_ema, ignore_keys=ignore_keys, path=path)
     model.load_state_dict(sd, strict=False, assign=assign)
     _finish_load(model, sd, use_ema)
     return global_step
 
 
-class _UnetView(nn.Module):
-    """Exposes only ``.model`` of a diffusion model, so a UNet-only file is checked strictly."""
+class _DiffusionModelOnly(nn.Module):
+    """A diffusion model with only its ``.model`` (the UNet wrapper) as child, so a UNet-only file
+    (``only_model``) is checked strictly against the ``model.*`` keys and loaded into them."""
 
     def __init__(self, full: nn.Module):
         super().__init__()

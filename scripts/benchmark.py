@@ -30,7 +30,6 @@ ours/diffusers) is printed and written into docs/benchmarks.md between the RESUL
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import datetime
 import json
@@ -103,7 +102,7 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--no-prepack", action="store_true", help="also time ours with the CPU conv weight prepacking off")
     p.add_argument("--channels-last", action="store_true", help="also time our UNet with channels_last weights")
     p.add_argument("--sdpa-attention", action="store_true",
-                   help="also time ours with attention always in PyTorch's SDPA (set_attention_backend('sdpa'))")
+                   help="also time ours with attention always in PyTorch's SDPA (ldm.ops.settings(attention='sdpa'))")
     p.add_argument("--compile", action="store_true",
                    help="also time our UNet under torch.compile with weight freezing (minutes of compiling per shape)")
     p.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero (see above)")
@@ -356,7 +355,7 @@ class Ours:
     :param variant: ``None`` (library defaults), ``"channels_last"`` (UNet weights in channels_last),
         ``"compiled"`` (:func:`compile_unet` with weight freezing), ``"no prepack"`` (the CPU conv
         weight prepacking switched off while this side runs) or ``"sdpa attention"`` (attention always
-        in PyTorch's SDPA while this side runs, :func:`set_attention_backend`).
+        in PyTorch's SDPA while this side runs, ``ldm.ops.settings(attention="sdpa")``).
     """
 
     def __init__(self, paths: dict, dtype, device: str, variant: Optional[str] = None):
@@ -380,18 +379,11 @@ class Ours:
         self.sampler = make_sampler("ddim", self.model)
         self.device = device
 
-    @contextlib.contextmanager
     def _switches(self):
-        from ldm.modules.attention import set_attention_backend
-        from ldm.modules.diffusionmodules.util import set_conv_prepacking
+        """The ldm.ops settings of this side, for the duration of a ``with`` block."""
+        import ldm.ops
 
-        set_conv_prepacking(self.prepack)
-        set_attention_backend(self.attention_backend)
-        try:
-            yield
-        finally:
-            set_conv_prepacking(True)
-            set_attention_backend("auto")
+        return ldm.ops.settings(conv_prepack=self.prepack, attention=self.attention_backend)
 
     def encode(self, batch: int):
         import torch
@@ -415,7 +407,7 @@ class Ours:
             return self.model.decode_first_stage(z)
 
     def packed_conv_mb(self) -> float:
-        from ldm.modules.diffusionmodules.util import Conv2d
+        from ldm.ops import Conv2d
 
         total = 0
         for m in self.model.modules():

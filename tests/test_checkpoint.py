@@ -224,3 +224,41 @@ def test_meta_build_skips_init_and_restores_it():
     assert all(p.is_meta for p in model.parameters())
     emb = torch.nn.Embedding(4, 3)  # outside the meta build, init works as ever
     assert emb.weight.std() > 0
+
+
+def test_keys_a_file_may_lack_are_the_models_to_declare(tiny_sd):
+    """The schedule buffers may be missing because DDPM says so (optional_checkpoint_keys), not
+    because the loader knows DDPM: a model that declares nothing gets them checked strictly."""
+    from ldm.checkpoint import resolve_state_dict
+    from ldm.models.diffusion.ddpm import DDPM, SCHEDULE_BUFFERS
+
+    assert DDPM.optional_checkpoint_keys == frozenset(SCHEDULE_BUFFERS)
+    sd = {k: v for k, v in tiny_sd.items() if k not in SCHEDULE_BUFFERS}
+    model = load_model_from_config(load_config(), sd)  # computed from the config instead
+    assert torch.allclose(model.betas, tiny_sd["betas"].float())
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("betas", torch.zeros(3))
+            self.lin = torch.nn.Linear(2, 2)
+
+    file = {"lin.weight": torch.zeros(2, 2), "lin.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(betas\)"):
+        resolve_state_dict(Plain(), file)
+    declared = Plain()
+    declared.optional_checkpoint_keys = frozenset({"betas"})
+    assert set(resolve_state_dict(declared, file)) == set(file)
+
+
+def test_unet_only_load_checks_the_unet_keys_strictly(tiny_sd):
+    from ldm.checkpoint import load_weights_into
+
+    model = load_model_from_config(load_config(), tiny_sd)
+    unet = {k: v + 1 for k, v in tiny_sd.items() if k.startswith("model.diffusion_model.")}
+    key = "model.diffusion_model.out.2.bias"
+    load_weights_into(model, unet, only_model=True)  # the rest of the model needs no keys
+    assert torch.equal(model.state_dict()[key], tiny_sd[key] + 1)
+    unet.pop(key)
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(model.diffusion_model.out.2.bias\)"):
+        load_weights_into(model, unet, only_model=True)

@@ -14,19 +14,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ldm.ops as util  # the CPU fast paths (Linear, release_file_pages, ...) moved from diffusionmodules.util
 from ldm.checkpoint import load_model_from_config
-from ldm.modules import attention as attention_module
-from ldm.modules.attention import set_attention_backend, set_attention_slicing
-from ldm.modules.diffusionmodules import util
 from ldm.modules.diffusionmodules.openaimodel import compile_unet
-from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, set_conv_prepacking, set_onednn_linear
+from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32
+from ldm.ops import attention_ops as attention_module, capability, configure, settings as ops_settings
 from tests.helpers import REPO, load_config, rel_err
 
 # Tolerance of the bf16 model against fp32 on the tiny reference model (relative L2 of eps).
 # Measured 4e-3 with bf16 weights and activations; bf16 keeps 8 bits of mantissa (2^-8 = 3.9e-3).
 BF16_REL_TOL = 2e-2
 
-pytestmark_mkldnn = pytest.mark.skipif(not util._MKLDNN_CONV, reason="this PyTorch has no oneDNN conv/linear ops")
+pytestmark_mkldnn = pytest.mark.skipif(not capability.ONEDNN_CONV, reason="this PyTorch has no oneDNN conv/linear ops")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,8 @@ def unet_inputs(parity):
 @pytest.fixture
 def prepacking():
     """Restore the prepacking switch whatever a test does with it."""
-    yield
-    set_conv_prepacking(True)
+    with ops_settings():
+        yield
 
 
 def _eps(unet, inputs) -> torch.Tensor:
@@ -58,22 +57,19 @@ def _eps(unet, inputs) -> torch.Tensor:
 def test_attention_slicing_matches_unsliced(tiny_model, unet_inputs):
     unet = tiny_model.model.diffusion_model
     full = _eps(unet, unet_inputs)
-    try:
-        set_attention_slicing(7)  # not a divisor of any token count: a short last slice too
+    with ops_settings(attention_slice_size=7):  # not a divisor of any token count: a short last slice too
         sliced = _eps(unet, unet_inputs)
-    finally:
-        set_attention_slicing(None)
     assert rel_err(sliced, full) < 1e-5  # the kernel blocks the rows differently: float rounding only
 
 
 def test_attention_slicing_rejects_bad_size():
     with pytest.raises(ValueError, match="slice size"):
-        set_attention_slicing(0)
+        configure(attention_slice_size=0)
 
 
 # -- blocked attention on the CPU ----------------------------------------------------------------------
 
-needs_fast_bf16 = pytest.mark.skipif(not attention_module._cpu_has_fast_bf16_matmul(),
+needs_fast_bf16 = pytest.mark.skipif(not capability.cpu_has_fast_bf16_matmul(),
                                      reason="the blocked bf16 attention runs on CPUs with AVX-512 BF16 only")
 
 
@@ -121,8 +117,8 @@ def test_blocked_attention_bf16_matches_fp32(small_score_blocks, shape, keys, sc
 
 def test_attention_backend_dispatch(monkeypatch):
     bf = torch.zeros(1, 2, 4, 256, 8, dtype=torch.bfloat16)[0]  # [2, 4, 256, 8]: 65536 scores a head
-    monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: True)
-    monkeypatch.setattr(util, "_MKLDNN_LINEAR", True)
+    monkeypatch.setattr(capability, "cpu_has_fast_bf16_matmul", lambda: True)
+    monkeypatch.setattr(capability, "ONEDNN_LINEAR", True)
     use = attention_module._use_blocked
     with torch.no_grad():
         assert use(bf, bf, bf)
@@ -130,21 +126,18 @@ def test_attention_backend_dispatch(monkeypatch):
         assert not use(bf.half(), bf.half(), bf.half())  # fp16 on the CPU: SDPA
         assert not use(bf, bf[..., :255, :], bf[..., :255, :])  # fewer scores: SDPA
         assert not use(bf[:, :, :255], bf, bf)
-        set_attention_backend("sdpa")
-        try:
+        with ops_settings(attention="sdpa"):
             assert not use(bf, bf, bf)
-        finally:
-            set_attention_backend("auto")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not use(bf, bf, bf)
     assert not use(bf.requires_grad_(), bf, bf)  # training: SDPA's backward
-    monkeypatch.setattr(attention_module, "_cpu_has_fast_bf16_matmul", lambda: False)
-    monkeypatch.setattr(util, "_MKLDNN_LINEAR", False)
+    monkeypatch.setattr(capability, "cpu_has_fast_bf16_matmul", lambda: False)
+    monkeypatch.setattr(capability, "ONEDNN_LINEAR", False)
     with torch.no_grad():
         bf = bf.detach()
         assert not use(bf, bf, bf) and not use(bf.float(), bf.float(), bf.float())
     with pytest.raises(ValueError, match="attention backend"):
-        set_attention_backend("flash")
+        configure(attention="flash")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_fast_bf16)])
@@ -162,12 +155,9 @@ def test_blocked_attention_in_the_models(tiny_ckpt, tiny_model, unet_inputs, mon
         out = model.apply_model(x, t, context)
         n_unet = len(calls)
         decoded = model.decode_first_stage(x[:1].to(dtype))
-        set_attention_backend("sdpa")
-        try:
+        with ops_settings(attention="sdpa"):
             sdpa = model.apply_model(x, t, context)
             decoded_sdpa = model.decode_first_stage(x[:1].to(dtype))
-        finally:
-            set_attention_backend("auto")
         decoded_ref = tiny_model.decode_first_stage(x[:1])
     assert n_unet > 0 and len(calls) > n_unet  # the UNet's and the VAE's attention took the blocked path
     tol = 1e-5 if dtype == torch.float32 else BF16_REL_TOL
@@ -316,10 +306,10 @@ def test_prepacked_conv_module_copies_and_pickles(prepacking):
 @pytestmark_mkldnn
 def test_prepacking_switch_and_unet_parity(tiny_model, unet_inputs, parity, prepacking):
     unet = tiny_model.model.diffusion_model
-    set_conv_prepacking(True)
+    configure(conv_prepack=True)
     packed = _eps(unet, unet_inputs)
     assert any(isinstance(m, Conv2d) and m._packed is not None for m in unet.modules())
-    set_conv_prepacking(False)
+    configure(conv_prepack=False)
     plain = _eps(unet, unet_inputs)
     assert all(m._packed is None for m in unet.modules() if isinstance(m, Conv2d))  # freed
     assert rel_err(packed, plain) < 1e-5
@@ -335,7 +325,7 @@ def test_vae_runs_prepacked_convs(tiny_model, unet_inputs, prepacking):
         packed = tiny_model.decode_first_stage(z)
         moments = vae.encoder(packed)
         assert any(m._packed is not None for m in vae.decoder.modules() if isinstance(m, Conv2d))
-        set_conv_prepacking(False)
+        configure(conv_prepack=False)
         plain = tiny_model.decode_first_stage(z)
         plain_moments = vae.encoder(packed)
     assert packed.is_contiguous() and moments.is_contiguous()
@@ -347,8 +337,8 @@ def test_vae_runs_prepacked_convs(tiny_model, unet_inputs, prepacking):
 @pytest.fixture
 def onednn_linear():
     """Restore the oneDNN linear switch whatever a test does with it."""
-    yield
-    set_onednn_linear(True)
+    with ops_settings():
+        yield
 
 
 @pytestmark_mkldnn
@@ -365,11 +355,11 @@ def test_onednn_linear_matches_f_linear(onednn_linear, monkeypatch, dtype, tol, 
     x = torch.randn(3, 17, 96, generator=g).to(dtype)
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(util, "_onednn_linear_op", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+    monkeypatch.setattr(capability, "onednn_linear_op", lambda *a: calls.append(a[0].shape) or real(*a))
     with torch.no_grad():
         out = lin(x)
         strided = lin(x.transpose(0, 1))  # a non-contiguous input
-        set_onednn_linear(False)
+        configure(onednn_linear=False)
         plain = lin(x)
     ref = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
     assert out.dtype == dtype and out.shape == (3, 17, 40)
@@ -382,7 +372,7 @@ def test_onednn_linear_matches_f_linear(onednn_linear, monkeypatch, dtype, tol, 
 def test_onednn_linear_not_used_for_training_or_other_dtypes(onednn_linear, monkeypatch):
     lin = util.Linear(8, 4)
     calls = []
-    monkeypatch.setattr(util, "_onednn_linear_op", lambda *a: calls.append(1), raising=False)
+    monkeypatch.setattr(capability, "onednn_linear_op", lambda *a: calls.append(1))
     out = lin(torch.randn(5, 8))  # gradients recorded: the autograd path
     out.sum().backward()
     assert lin.weight.grad is not None and not calls

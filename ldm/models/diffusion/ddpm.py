@@ -84,6 +84,9 @@ class DDPM(nn.Module):
     ``parameterization`` is ``"eps"`` (predict the noise), ``"x0"`` or ``"v"`` (Salimans & Ho 2022).
     """
 
+    #: Keys a checkpoint may lack (the config's schedule is kept); read by ldm.checkpoint's loader.
+    optional_checkpoint_keys = frozenset(SCHEDULE_BUFFERS)
+
     def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
                  ckpt_path: Optional[str] = None, ignore_keys=(), load_only_unet: bool = False,
                  monitor: str = "val/loss", use_ema: bool = True, first_stage_key: str = "image",

@@ -15,8 +15,8 @@ Numeric conventions of the reference (see the spec README, section "Autoencoder"
 
 Nothing here allocates more than the module's own parameters, so every class can be built under
 ``with torch.device("meta"):`` for key/shape checks. The convolutions are the UNet's
-:class:`~ldm.modules.diffusionmodules.util.Conv2d` (``nn.Conv2d`` with prepacked CPU inference
-weights: a 256x256 decode on 2 CPU threads 2.27 → 1.86 s in fp32, 0.98 → 0.80 s in bf16).
+:class:`ldm.ops.Conv2d` (``nn.Conv2d`` with prepacked CPU inference weights; figures in
+docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import attention
-from ldm.modules.diffusionmodules.util import Conv2d
+from ldm.ops import Conv2d, attention
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions with 1x1-conv projections and a residual.
 
     ``out = x + proj_out(softmax(q k^T * C**-0.5) v)`` with q, k, v = 1x1 convs of GN(x).
-    Computed by :func:`ldm.modules.attention.attention` (PyTorch's scaled_dot_product_attention, or
+    Computed by :func:`ldm.ops.attention` (PyTorch's scaled_dot_product_attention, or
     its blocked form for CPU inference), like the UNet's.
     """
 

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ldm.modules.attention import SpatialTransformer, attention
+from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (avg_pool_nd, checkpoint, conv_nd, linear, normalization,
                                                timestep_embedding, zero_module)
+from ldm.ops import attention
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class UNetModel(nn.Module):
 
     Speed options (same numbers up to float rounding): ``unet.to(memory_format=torch.channels_last)``
     runs the activations in channels_last; :func:`compile_unet` compiles the forward; on the CPU
-    the convolutions reuse prepacked weights (:func:`ldm.modules.diffusionmodules.util.set_conv_prepacking`).
+    the convolutions reuse prepacked weights (:class:`ldm.ops.Conv2d`; ``ldm.ops.settings(conv_prepack=False)``).
     """
 
     def __init__(self, image_size, in_channels: int, model_channels: int, out_channels: int,

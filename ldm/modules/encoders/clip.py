@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import Linear
+from ldm.ops import Linear
 
 log = logging.getLogger(__name__)
 
