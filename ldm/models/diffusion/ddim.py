@@ -1,6 +1,13 @@
 """DDIM sampling (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models") with the
 reference's schedule quirks, plus the img2img pair ``stochastic_encode`` / ``decode``.
 
+:class:`DDIMSampler` is a thin adapter: it computes the reference's tables (the attributes other
+code reads) and runs :func:`~ldm.models.diffusion.solvers.sample_euler` (eta 0) or
+:func:`~ldm.models.diffusion.solvers.sample_euler_ancestral` (eta > 0) on the DDIM grid of noise
+levels. A DDIM step ``x_prev = sqrt(a_prev)·pred_x0 + sqrt(1 - a_prev - s²)·eps + s·noise`` is
+exactly that step in sigma space (``x/sqrt(a)``); the recorded reference traces are reproduced to
+about 3e-7 relative per model call.
+
 Numeric quirks kept from the reference (pinned by ``tests/test_samplers.py``):
 
 * ``uniform`` timesteps are ``range(0, 1000, 1000 // S) + 1``: S=50 gives 1, 21, ..., 981 and
@@ -8,8 +15,9 @@ Numeric quirks kept from the reference (pinned by ``tests/test_samplers.py``):
   ``len(range(0, 1000, 1000 // S))`` steps (S=7 gives 8).
 * The last step's "previous" alpha is ``alphas_cumprod[0]`` (0.99915 for SD), not 1, so the
   returned latent is ``sqrt(a_0)·pred_x0 + sqrt(1-a_0)·eps``, not ``pred_x0``.
+* The model gets the integer timesteps of the grid (``torch.long``).
 * ``ddim_alphas_prev`` and ``ddim_sigmas`` are computed in float64 (numpy) from the float32
-  ``alphas_cumprod`` and enter the update as float32.
+  ``alphas_cumprod``, as the reference's attributes.
 * img2img: ``stochastic_encode(x0, t_enc)`` noises to the level of ``ddim_timesteps[t_enc]`` but
   ``decode(x, c, t_enc)`` starts denoising at ``ddim_timesteps[t_enc - 1]``, one step lower
   (reference off-by-one). ``sample(..., x0=..., start_step=...)`` does it without the offset.
@@ -17,50 +25,21 @@ Numeric quirks kept from the reference (pinned by ``tests/test_samplers.py``):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ldm.errors import UserInputError
-from ldm.models.diffusion.sampling import (Generator, NoisePredictor, Sampler, _Progress, ddim_step, randn)
+from ldm.models.diffusion.denoiser import TimestepLookup, to_sigma_space
+from ldm.models.diffusion.discretization import ddim_timesteps, make_ddim_timesteps  # noqa: F401 (public here too)
+from ldm.models.diffusion.sampling import Generator, Sampler, SamplingPlan, _Progress, randn
+from ldm.models.diffusion.solvers import sample_euler, sample_euler_ancestral
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DDIMSampler", "make_ddim_timesteps", "make_ddim_sampling_parameters"]
-
-DISCRETIZATIONS = ("uniform", "quad")
-
-
-def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int = 1000,
-                        verbose: bool = False) -> np.ndarray:
-    """The model timesteps DDIM visits, ascending (``+1`` so the first is 1, as the reference).
-
-    ``uniform``: ``range(0, N, N // S) + 1`` (may hold more than S entries, see module doc).
-    ``quad``: ``int(linspace(0, sqrt(0.8·N), S)²) + 1``.
-    :raises ValueError: unknown method, S < 1 or S > N, or a schedule reaching past timestep N-1
-        (e.g. uniform S=3 gives 1000, an IndexError in the reference).
-    """
-    n, s = int(num_ddpm_timesteps), int(num_ddim_timesteps)
-    if not 1 <= s <= n:
-        raise UserInputError(f"number of DDIM steps must be in 1..{n}, got {num_ddim_timesteps}")
-    if ddim_discr_method == "uniform":
-        steps = np.asarray(list(range(0, n, n // s)))
-    elif ddim_discr_method == "quad":
-        steps = (np.linspace(0, np.sqrt(n * 0.8), s) ** 2).astype(int)
-    else:
-        raise UserInputError(f"unknown DDIM discretisation {ddim_discr_method!r}; choose one of {DISCRETIZATIONS}")
-    steps = steps.astype(np.int64) + 1
-    if steps[-1] >= n:
-        raise UserInputError(f"{ddim_discr_method} discretisation with {s} steps reaches timestep {steps[-1]}, past "
-                             f"the model's last timestep {n - 1}; pick another step count")
-    if len(steps) != s:
-        logger.warning("%d DDIM steps requested; the reference's '%s' discretisation gives %d", s,
-                       ddim_discr_method, len(steps))
-    if verbose:
-        logger.info("DDIM timesteps: %s", steps.tolist())
-    return steps
-
+__all__ = ["DDIMSampler", "ddim_timesteps", "make_ddim_timesteps", "make_ddim_sampling_parameters"]
 
 def make_ddim_sampling_parameters(alphacums: torch.Tensor, ddim_timesteps: np.ndarray, eta: float):
     """``(sigmas, alphas, alphas_prev)`` for the DDIM steps, with the reference's dtypes.
@@ -92,6 +71,7 @@ class DDIMSampler(Sampler):
     :param device: where the schedule tensors live (default: the device of ``model.alphas_cumprod``).
     """
 
+    name = "ddim"
     desc = "DDIM Sampler"
 
     def __init__(self, model, schedule: str = "linear", device=None):
@@ -140,54 +120,38 @@ class DDIMSampler(Sampler):
         if self.ddim_timesteps is None:
             raise RuntimeError(f"call {type(self).__name__}.make_schedule(S, ddim_eta=...) first")
 
-    def _table(self, original: bool):
-        """``(timesteps, a, a_prev, sigma, sqrt(1 - a))`` per step index (ascending); float32
-        tensors on the CPU."""
+    def _grid(self, first: int, original: bool = False):
+        """Noise levels ``[first + 2]`` of the DDIM steps ``first, first - 1, ..., 0`` (step indices
+        into ``ddim_timesteps``, or into all N timesteps with ``original``), then the level of the
+        last step's ``a_prev``; and the model timestep of each level (long). Float32, CPU."""
+        ac = self._alphas_cumprod()
         if original:
-            return (np.arange(self.ddpm_num_timesteps), self.alphas_cumprod.cpu(), self.alphas_cumprod_prev.cpu(),
-                    self.ddim_sigmas_for_original_num_steps.cpu(), self.sqrt_one_minus_alphas_cumprod.cpu())
-        return (self.ddim_timesteps, self.ddim_alphas.cpu(), torch.as_tensor(self.ddim_alphas_prev, dtype=torch.float32),
-                torch.as_tensor(self.ddim_sigmas, dtype=torch.float32), self.ddim_sqrt_one_minus_alphas.cpu())
+            ts = torch.arange(first, -1, -1)
+            a = torch.cat([ac[ts], torch.ones(1)])  # alphas_cumprod_prev[0] = 1: the last step reaches sigma 0
+        else:
+            ts = torch.as_tensor(self.ddim_timesteps[first::-1].copy())
+            a = torch.cat([ac[ts], ac[:1]])  # the last step's a_prev is alphas_cumprod[0] (reference quirk)
+        sigmas = ((1 - a) / a) ** 0.5
+        # The level after the last step is evaluated only by PLMS's warm-up when that is also the
+        # last step (1 step, or img2img running only the last one): the reference clamps the next
+        # index (max(index - 1, 0)) and so calls the model at the last step's own timestep there.
+        return sigmas, torch.cat([ts, ts[-1:]])
 
-    # -- Sampler hooks ---------------------------------------------------------------------------
-    def _prepare(self, S, eta, verbose):
-        eta = 0.0 if eta is None else float(eta)
-        self.make_schedule(S, ddim_eta=eta, verbose=verbose)
-        return len(self.ddim_timesteps), eta
+    def _solver(self, eta: Optional[float]):
+        """``(solver, options)``: DDIM is Euler in sigma space; with eta > 0, Euler ancestral."""
+        return (sample_euler_ancestral, {"eta": float(eta)}) if eta else (sample_euler, {})
 
-    def _start(self, noise, x0, start_step):
-        if start_step == 0:
-            return noise
-        a = self.ddim_alphas[len(self.ddim_timesteps) - 1 - start_step].to(noise.device)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    def _plan(self, steps, eta, temperature, verbose=False) -> SamplingPlan:
+        self.make_schedule(steps, ddim_eta=0.0 if eta is None else eta, verbose=verbose)
+        return self._plan_from(len(self.ddim_timesteps) - 1, False, eta, temperature)
 
-    def _run(self, x, predictor, start_step, generator, temperature, progress, eta):
-        first = len(self.ddim_timesteps) - 1 - start_step
-        return self._loop(x, predictor, range(first, -1, -1), generator, temperature, progress, original=False)
-
-    # -- the loop DDIM and PLMS share ------------------------------------------------------------
-    def _loop(self, x, predictor: NoisePredictor, indices, generator: Generator, temperature: float,
-              progress: _Progress, original: bool):
-        """Run the steps ``indices`` (descending step indices) from ``x``; returns the last ``x_prev``."""
-        table = self._table(original)
-        timesteps, alphas, alphas_prev, sigmas, sqrt_one_minus = table
-        f32 = dict(device=x.device, dtype=torch.float32)
-        history: list = []
-        for i, index in enumerate(indices):
-            t = torch.full((x.shape[0],), int(timesteps[index]), device=x.device, dtype=torch.long)
-            a_t, a_prev, sigma, s1m = (v[index].to(**f32) for v in (alphas, alphas_prev, sigmas, sqrt_one_minus))
-            e_t = predictor(x, t, a_t)
-            eps = self._combine_eps(x, e_t, index, predictor, history, table)
-            noise = None
-            if sigma > 0:
-                noise = randn(x.shape, generator, x.device, x.dtype) * temperature
-            x, pred_x0 = ddim_step(x, eps, a_t, a_prev, sigma, noise, s1m)
-            progress(i, x, pred_x0)
-        return x
-
-    def _combine_eps(self, x, e_t, index, predictor, history, table):
-        """DDIM uses the model's estimate as is (PLMS overrides this)."""
-        return e_t
+    def _plan_from(self, first: int, original: bool, eta, temperature: float) -> SamplingPlan:
+        sigmas, timesteps = self._grid(first, original)
+        solver, options = self._solver(eta)
+        if "eta" in options:
+            options["s_noise"] = temperature
+        return SamplingPlan(sigmas.to(self.device), solver, options,
+                            timesteps=TimestepLookup(sigmas.to(self.device), timesteps))
 
     # -- img2img, the reference's way ------------------------------------------------------------
     @torch.no_grad()
@@ -225,10 +189,10 @@ class DDIMSampler(Sampler):
         n = self.ddpm_num_timesteps if use_original_steps else len(self.ddim_timesteps)
         if not 1 <= t_start <= n:
             raise UserInputError(f"t_start must be in 1..{n}, got {t_start}")
-        predictor = NoisePredictor(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+        plan = self._plan_from(t_start - 1, use_original_steps, self.ddim_eta, 1.0)
+        sigmas = plan.sigmas.to(x_latent.device)
+        plan = replace(plan, sigmas=sigmas, timesteps=plan.timesteps.to(x_latent.device))
+        denoiser = self.denoiser(cond, unconditional_conditioning, unconditional_guidance_scale,
+                                 device=x_latent.device, timesteps=plan.timesteps)
         progress = _Progress(x_latent, t_start, 100, callback, None, verbose, "Decoding image")
-        try:
-            return self._loop(x_latent, predictor, range(t_start - 1, -1, -1), generator, 1.0, progress,
-                              original=use_original_steps)
-        finally:
-            progress.close()
+        return self._run(plan, to_sigma_space(x_latent, sigmas[0]), denoiser, progress, generator)

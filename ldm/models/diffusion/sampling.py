@@ -1,16 +1,21 @@
-"""Pieces every sampler shares: the noise helper, classifier-free guidance, the model-output to
-noise-estimate conversion (with the inpainting known-region replacement), the DDIM update, and the
-``sample(...)`` entry point with its input checks, progress bar, callbacks and intermediates.
+"""What every sampler shares: the noise helper, the img2img start step, and the :class:`Sampler`
+base with the reference's ``sample(...)`` surface (input checks, start latent, progress bar,
+callbacks, intermediates) running a core sampler function.
 
-Conventions used by every sampler in this package
--------------------------------------------------
-* Latents are in the model's (variance-preserving) scaling: ``x_t = sqrt(a)·x0 + sqrt(1-a)·eps``
-  with ``a = alphas_cumprod[t]`` ("alpha bar"). The k-diffusion family works internally with
-  ``x / sqrt(a)`` (noise level ``sigma = sqrt((1-a)/a)``) and converts at its edges.
-* Model timesteps are index-valued (0..999) and may be fractional (DPM-Solver and the k-diffusion
-  family pass floats); they are handed to ``model.apply_model`` as a ``[B]`` tensor.
+How a sampler runs (see docs/samplers.md)
+-----------------------------------------
+* A subclass (DDIM, PLMS, DPM-Solver, the k-diffusion family) turns ``S`` and ``eta`` into a
+  :class:`SamplingPlan`: a grid of noise levels ``sigmas``, a function of
+  :mod:`ldm.models.diffusion.solvers` and its options, and how the denoiser maps a level to the
+  model's timestep.
+* The model becomes a denoiser ``D(x, sigma) -> x0``: the guider (:mod:`.guidance`) on the raw
+  model output, then the parameterisation adapter (eps / v, :mod:`.denoiser`), then the
+  inpainting known-region rule.
+* The solver runs in sigma space, ``x = x_t / sqrt(a) = x0 + sigma·eps`` with
+  ``sigma = sqrt((1-a)/a)``; the base converts from and to the model's (variance-preserving)
+  latents ``x_t = sqrt(a)·x0 + sqrt(1-a)·eps`` at the edges, ``a = alphas_cumprod[t]``.
 * ``mask`` follows the reference (``ddim.py``): **1 marks the known region** to keep from ``x0``,
-  0 the region to generate. See :class:`NoisePredictor` for how the known region is enforced.
+  0 the region to generate (see :class:`~ldm.models.diffusion.denoiser.DiscreteDenoiser`).
 * Every random tensor comes from :func:`randn`, so one seed gives the same image on any device and
   for any batch size when a list of per-image generators is passed.
 """
@@ -18,26 +23,28 @@ from __future__ import annotations
 
 import logging
 import numbers
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
 from ldm.errors import UserInputError
+from ldm.models.diffusion.denoiser import (DiscreteDenoiser, TimestepLookup, from_sigma_space, scaling_for,
+                                           to_sigma_space)
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance, Cond, GuidedModel, batch_of
+from ldm.models.diffusion.catalog import resolve_eta
 
 logger = logging.getLogger(__name__)
 
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
-Cond = Union[torch.Tensor, Mapping[str, Any], None]
 
 __all__ = [
     "randn",
-    "ClassifierFreeGuidance",
-    "NoisePredictor",
-    "ddim_step",
-    "eps_from_v",
     "start_step_for_strength",
+    "SamplingPlan",
     "Sampler",
+    "ClassifierFreeGuidance",
 ]
 
 
@@ -70,147 +77,6 @@ def randn(shape: Sequence[int], generator: Generator = None, device=None,
     return noise.to(device=device if device is not None else noise.device, dtype=dtype or torch.float32)
 
 
-# --------------------------------------------------------------------------------------------
-# guidance and the noise estimate
-# --------------------------------------------------------------------------------------------
-def _batch_of(cond: Cond) -> Optional[int]:
-    """Batch size of a conditioning tensor, or of the first tensor inside a dict/list."""
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond.shape[0]
-    if isinstance(cond, Mapping):
-        for value in cond.values():
-            found = _batch_of(value)
-            if found is not None:
-                return found
-        return None
-    if isinstance(cond, (list, tuple)):
-        return _batch_of(cond[0]) if cond else None
-    return None
-
-
-def _cat_cond(uncond: Cond, cond: Cond) -> Cond:
-    """``cat([uncond, cond])`` along the batch, per key (and per list item) for dict conditionings."""
-    if isinstance(cond, Mapping):
-        if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
-            raise UserInputError("conditioning is a dict, so unconditional_conditioning must be a dict with the "
-                                 f"same keys ({sorted(cond)}); got {type(uncond).__name__}")
-        return {key: _cat_cond(uncond[key], value) for key, value in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        if not isinstance(uncond, (list, tuple)) or len(uncond) != len(cond):
-            raise UserInputError("conditioning and unconditional_conditioning lists differ in length")
-        return [_cat_cond(u, c) for u, c in zip(uncond, cond)]
-    return torch.cat([uncond, cond])
-
-
-class ClassifierFreeGuidance:
-    """The model with classifier-free guidance (Ho & Salimans 2022): ``out = out_u + s·(out_c - out_u)``.
-
-    The UNet is called once on the batch ``cat([uncond, cond])`` with ``x`` and ``t`` duplicated (the
-    reference's batch order). With ``scale == 1`` or no ``uncond`` it is one call on ``cond`` only.
-    Guidance is applied to the raw model output (eps or v), before any conversion, as the reference.
-
-    :param model: anything with ``apply_model(x [B,C,H,W], t [B], cond) -> [B,C,H,W]``.
-    :param cond: tensor ``[B, ...]`` or dict ``{"c_crossattn": [tensor], "c_concat": [tensor]}``.
-    :param uncond: same structure as ``cond`` (or None).
-    :param scale: guidance scale ``s``.
-    """
-
-    def __init__(self, model, cond: Cond, uncond: Cond = None, scale: float = 1.0):
-        self.model = model
-        self.cond = cond
-        self.scale = float(scale)
-        self.guided = uncond is not None and self.scale != 1.0
-        self.cond_in = _cat_cond(uncond, cond) if self.guided else cond
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """:param x: ``[B,C,H,W]``; :param t: ``[B]`` or a scalar tensor; :returns: ``[B,C,H,W]``."""
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if not self.guided:
-            return self.model.apply_model(x, t, self.cond)
-        out_u, out_c = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), self.cond_in).chunk(2)
-        return out_u + self.scale * (out_c - out_u)
-
-
-def eps_from_v(v: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Noise estimate from a v prediction (Salimans & Ho 2022): ``eps = sqrt(a)·v + sqrt(1-a)·x_t``."""
-    return alpha_bar.sqrt() * v + (1 - alpha_bar).sqrt() * x
-
-
-class NoisePredictor:
-    """``eps(x_t, t, a)``: guided model output turned into a noise estimate, with the known region
-    of an inpainting mask enforced. Every sampler in the package calls the model through this.
-
-    :param model: the diffusion model (``apply_model``, ``parameterization`` "eps" or "v").
-    :param cond, uncond, scale: see :class:`ClassifierFreeGuidance`.
-    :param mask: ``[B or 1, 1 or C, H, W]``, 1 = known (keep ``x0``), 0 = generate; or None.
-    :param x0: the known latent ``[B,C,H,W]`` (required with ``mask``).
-
-    Known region: where ``mask == 1`` the estimate is replaced by the noise that ``x_t`` carries
-    relative to ``x0``, ``eps_known = (x_t - sqrt(a)·x0) / sqrt(1-a)``, i.e. the model is told the
-    answer there. Then ``pred_x0 == x0`` in the known region and every sampler's update keeps it
-    exactly on the forward-noising path of ``x0`` (for DDIM, PLMS, DPM-Solver(++), Euler, Heun,
-    LMS; ancestral samplers add fresh noise to it, which is again a forward sample). No extra
-    random numbers are used, so a mask of zeros reproduces plain sampling bit for bit. (The
-    reference instead overwrote the known region of ``x_t`` with ``q_sample(x0, t)`` and fresh
-    noise before each DDIM/PLMS step; both keep the known region on a forward path.) The samplers
-    finish with ``x = mask·x0 + (1-mask)·x`` so the known region comes back exactly.
-    """
-
-    def __init__(self, model, cond: Cond, uncond: Cond = None, scale: float = 1.0,
-                 mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None):
-        self.guided = ClassifierFreeGuidance(model, cond, uncond, scale)
-        self.parameterization = getattr(model, "parameterization", "eps")
-        if self.parameterization not in ("eps", "v"):
-            raise ValueError(f"model.parameterization is {self.parameterization!r}; the samplers support 'eps' and 'v'")
-        self.mask = mask
-        self.x0 = x0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """:param x: ``x_t`` ``[B,C,H,W]``; :param t: model timesteps ``[B]`` (int or float);
-        :param alpha_bar: ``a`` at that noise level, a scalar tensor or ``[B,1,1,1]``.
-        :returns: eps ``[B,C,H,W]``."""
-        out = self.guided(x, t)
-        eps = out if self.parameterization == "eps" else eps_from_v(out, x, alpha_bar)
-        if self.mask is not None:
-            eps_known = (x - alpha_bar.sqrt() * self.x0) / (1 - alpha_bar).sqrt()
-            eps = self.mask * eps_known + (1 - self.mask) * eps
-        return eps
-
-
-# --------------------------------------------------------------------------------------------
-# the DDIM update (DDIM and PLMS)
-# --------------------------------------------------------------------------------------------
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
-              sigma: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-              sqrt_one_minus_a_t: Optional[torch.Tensor] = None):
-    """One DDIM update (Song et al. 2021, eq. 12), the reference's float32 arithmetic::
-
-        pred_x0 = (x - sqrt(1-a_t)·eps) / sqrt(a_t)
-        x_prev  = sqrt(a_prev)·pred_x0 + sqrt(1 - a_prev - sigma²)·eps + sigma·noise
-
-    :param x: ``x_t`` ``[B,C,H,W]``; :param eps: noise estimate, same shape.
-    :param a_t, a_prev: alpha bar at this and at the next (less noisy) level, scalar tensors.
-    :param sigma: ``eta·sqrt((1-a_prev)/(1-a_t)·(1-a_t/a_prev))`` (None or 0: deterministic).
-    :param noise: standard normal ``[B,C,H,W]`` (already multiplied by any temperature); needed
-        when ``sigma > 0``.
-    :param sqrt_one_minus_a_t: ``sqrt(1 - a_t)`` if precomputed (the reference rounds it from
-        float64; default: computed here in the dtype of ``a_t``).
-    :returns: ``(x_prev, pred_x0)``.
-    """
-    if sqrt_one_minus_a_t is None:
-        sqrt_one_minus_a_t = (1 - a_t).sqrt()
-    pred_x0 = (x - sqrt_one_minus_a_t * eps) / a_t.sqrt()
-    if sigma is None:
-        sigma = torch.zeros_like(a_prev)
-    x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
-    if noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev, pred_x0
-
-
 def start_step_for_strength(steps: int, strength: float) -> int:
     """First step to run for img2img at ``strength`` over an ``steps``-step schedule.
 
@@ -228,10 +94,41 @@ def start_step_for_strength(steps: int, strength: float) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# progress, callbacks and intermediates
+# the Sampler base
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What a :class:`Sampler` runs for one ``sample`` call.
+
+    :ivar sigmas: ``[n + 1]`` noise levels visited, noisiest first (``n`` steps; see
+        :mod:`ldm.models.diffusion.solvers`).
+    :ivar solver: ``solver(denoiser, x, sigmas, *, callback, generator, **options) -> x``.
+    :ivar options: extra keyword arguments of ``solver`` (``eta``, ``s_noise``, ``lower_order_final``).
+    :ivar timesteps: the denoiser's level -> model timestep map (``"interpolate"``, ``"nearest"``
+        or a callable, see :class:`~ldm.models.diffusion.denoiser.DiscreteDenoiser`).
+    :ivar noise_times_sigma: start from ``sigmas[0]·x_T`` (k-diffusion's convention) instead of
+        treating ``x_T`` as the model's latent at that level (the reference's).
+    """
+
+    sigmas: torch.Tensor
+    solver: Callable
+    options: Mapping[str, Any] = field(default_factory=dict)
+    timesteps: Union[str, Callable] = "interpolate"
+    noise_times_sigma: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
+def _on(timesteps, device):
+    """A plan's timestep map with its tables on ``device``."""
+    return timesteps.to(device) if isinstance(timesteps, TimestepLookup) else timesteps
+
+
 class _Progress:
-    """tqdm bar + the reference's ``callback(i)`` / ``img_callback(pred_x0, i)`` + intermediates."""
+    """Solver callback: tqdm bar, the reference's ``callback(i)`` / ``img_callback(pred_x0, i)`` and
+    the intermediates (latents in the model's scaling; converted only on logged steps)."""
 
     def __init__(self, x: torch.Tensor, total: int, log_every_t: int, callback, img_callback,
                  verbose: bool, desc: str):
@@ -242,16 +139,17 @@ class _Progress:
         self.intermediates = {"x_inter": [x], "pred_x0": [x]}
         self.bar = tqdm(total=total, desc=desc, disable=not verbose)
 
-    def __call__(self, i: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+    def __call__(self, info: Mapping[str, Any]) -> None:
+        i, denoised = info["i"], info["denoised"]
         self.bar.update(1)
         if self.callback is not None:
             self.callback(i)
         if self.img_callback is not None:
-            self.img_callback(pred_x0, i)
+            self.img_callback(denoised, i)
         index = self.total - i - 1
         if index % self.log_every_t == 0 or index == self.total - 1:
-            self.intermediates["x_inter"].append(x)
-            self.intermediates["pred_x0"].append(pred_x0)
+            self.intermediates["x_inter"].append(from_sigma_space(info["x"], info["sigma_next"]))
+            self.intermediates["pred_x0"].append(denoised)
 
     def close(self) -> None:
         self.bar.close()
@@ -260,12 +158,12 @@ class _Progress:
 class Sampler:
     """Base of every sampler: the reference's ``sample(...)`` surface and its checks.
 
-    A subclass provides ``make_schedule(S, ...)`` (sets the schedule, returns nothing),
-    ``_prepare(S, eta, verbose) -> (n_steps, eta)``, ``_start(noise, x0, start_step)`` (the state the
-    first step runs from), ``_latent(state, step)`` (that state as a latent, for intermediates) and
-    ``_run(x, predictor, start_step, generator, temperature, progress, eta) -> x``.
+    A subclass sets ``name`` (its registry name) and provides ``make_schedule(S, ...)`` (the
+    reference's schedule attributes) and ``_plan(steps, eta, temperature, verbose) -> SamplingPlan``, with
+    ``eta`` already resolved by :func:`ldm.models.diffusion.registry.resolve_eta`.
     """
 
+    name = ""
     desc = "Sampler"
 
     def __init__(self, model, device=None):
@@ -285,6 +183,26 @@ class Sampler:
         """The model's alpha bar as float32 on the CPU (the reference's ``alphas_cumprod.cpu()``)."""
         return self.model.alphas_cumprod.detach().to("cpu", torch.float32)
 
+    def denoiser(self, cond: Cond = None, uncond: Cond = None, scale: float = 1.0, *, device=None,
+                 timesteps="interpolate", mask: Optional[torch.Tensor] = None,
+                 x0: Optional[torch.Tensor] = None) -> DiscreteDenoiser:
+        """The model as ``D(x, sigma) -> x0``: guidance, then the model's parameterisation, then
+        the known region of ``mask``."""
+        alphas = self.model.alphas_cumprod.detach().to(device or self.device, torch.float32)
+        scaling = scaling_for(getattr(self.model, "parameterization", "eps"))
+        return DiscreteDenoiser(GuidedModel(self.model, cond, uncond, scale), alphas, scaling=scaling,
+                                timesteps=timesteps, mask=mask, x0=x0)
+
+    def _run(self, plan: SamplingPlan, x: torch.Tensor, denoiser: DiscreteDenoiser, progress: _Progress,
+             generator: Generator = None) -> torch.Tensor:
+        """Run ``plan.solver`` from the sigma-space state ``x`` at ``plan.sigmas[0]``; returns the
+        model-scaled latent at ``plan.sigmas[-1]``."""
+        try:
+            x = plan.solver(denoiser, x, plan.sigmas, callback=progress, generator=generator, **plan.options)
+        finally:
+            progress.close()
+        return from_sigma_space(x, plan.sigmas[-1])
+
     # -- entry point ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: Cond = None,
@@ -303,9 +221,9 @@ class Sampler:
         :param conditioning: ``[B, 77, D]`` tensor or dict (``c_crossattn`` / ``c_concat`` lists).
         :param callback: ``callback(i)`` after each step; ``img_callback(pred_x0, i)`` likewise.
         :param eta: DDIM noise amount (default 0); Euler ancestral's noise amount (default 1);
-            other samplers accept only None/0.
-        :param mask, x0: inpainting: ``mask`` is 1 on the known region, taken from latent ``x0``
-            (see :class:`NoisePredictor`). ``x0`` is also the init latent for ``start_step > 0``.
+            other samplers accept only None/0 (:func:`~ldm.models.diffusion.registry.resolve_eta`).
+        :param mask, x0: inpainting: ``mask`` is 1 on the known region, taken from latent ``x0``.
+            ``x0`` is also the init latent for ``start_step > 0``.
         :param temperature: multiplies the fresh noise of stochastic steps (DDIM eta > 0, ancestral).
         :param verbose: show the progress bar and log the settings.
         :param x_T: the start noise ``[B, C, H, W]`` (standard normal); drawn with ``generator`` if None.
@@ -329,24 +247,27 @@ class Sampler:
                                  "implementation; leave at the default (None / False / 0)")
         size = self._check_inputs(S, batch_size, shape, conditioning, unconditional_conditioning, x_T, mask, x0,
                                   start_step, log_every_t)
-        n_steps, eta = self._prepare(int(S), eta, verbose)
-        if start_step >= n_steps:
-            raise UserInputError(f"start_step={start_step} leaves no step of the {n_steps}-step schedule to run")
+        eta = resolve_eta(self.name, eta)
+        plan = self._plan(int(S), eta, temperature, verbose=verbose)
+        if start_step >= plan.steps:
+            raise UserInputError(f"start_step={start_step} leaves no step of the {plan.steps}-step schedule to run")
 
         device = x_T.device if x_T is not None else (x0.device if x0 is not None else self.device)
         noise = x_T if x_T is not None else randn(size, generator, device)
         if verbose:
             logger.info("%s: %d steps of %d, latents %s, eta %s, guidance %.2f", type(self).__name__,
-                        n_steps - start_step, n_steps, tuple(size), eta, unconditional_guidance_scale)
-        predictor = NoisePredictor(self.model, conditioning, unconditional_conditioning,
-                                   unconditional_guidance_scale, mask=mask, x0=x0)
-        x = self._start(noise, x0, start_step)
-        progress = _Progress(self._latent(x, start_step), n_steps - start_step, log_every_t, callback,
-                             img_callback, verbose, self.desc)
-        try:
-            x = self._run(x, predictor, start_step, generator, temperature, progress, eta)
-        finally:
-            progress.close()
+                        plan.steps - start_step, plan.steps, tuple(size), eta, unconditional_guidance_scale)
+        sigmas = plan.sigmas[start_step:].to(device)
+        plan = replace(plan, sigmas=sigmas, timesteps=_on(plan.timesteps, device))
+        denoiser = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale,
+                                 device=device, timesteps=plan.timesteps, mask=mask, x0=x0)
+        if start_step > 0:
+            x = x0 + sigmas[0] * noise
+        else:
+            x = noise * sigmas[0] if plan.noise_times_sigma else to_sigma_space(noise, sigmas[0])
+        start = noise if start_step == 0 and not plan.noise_times_sigma else from_sigma_space(x, sigmas[0])
+        progress = _Progress(start, plan.steps, log_every_t, callback, img_callback, verbose, self.desc)
+        x = self._run(plan, x, denoiser, progress, generator)
         if mask is not None:
             x = mask * x0 + (1 - mask) * x
         return x, progress.intermediates
@@ -361,7 +282,7 @@ class Sampler:
             raise UserInputError(f"shape must be (C, H, W), got {tuple(shape)}")
         size = (batch_size, *(int(s) for s in shape))
         for name, c in (("conditioning", cond), ("unconditional_conditioning", uncond)):
-            got = _batch_of(c)
+            got = batch_of(c)
             if got is not None and got != batch_size:
                 raise UserInputError(f"{name} has batch {got} but batch_size is {batch_size}; "
                                      f"repeat it to one entry per image")
@@ -387,21 +308,6 @@ class Sampler:
         return size
 
     # -- to be provided by subclasses -----------------------------------------------------------
-    def _prepare(self, S: int, eta: Optional[float], verbose: bool):  # pragma: no cover - abstract
+    def _plan(self, steps: int, eta: Optional[float], temperature: float,
+              verbose: bool = False) -> SamplingPlan:  # pragma: no cover
         raise NotImplementedError
-
-    def _start(self, noise, x0, start_step):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _latent(self, state, step):
-        return state
-
-    def _run(self, x, predictor, start_step, generator, temperature, progress, eta):  # pragma: no cover
-        raise NotImplementedError
-
-
-def check_deterministic_eta(name: str, eta: Optional[float]) -> None:
-    """Samplers without a noise amount accept eta None or 0 and refuse anything else."""
-    if eta is not None and eta != 0:
-        raise UserInputError(f"{name} is deterministic: eta must be 0 (got {eta}); "
-                             "use DDIM (eta > 0) or Euler ancestral for stochastic sampling")

@@ -1,31 +1,25 @@
-"""The part of DPM-Solver that the reference's ``DPMSolverSampler`` uses, written out once.
-
-Lu, Zhou, Bao, Chen, Li & Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-Probabilistic Models" (2022), multistep second order (their Algorithm 2, "DPM-Solver++(2M)"), on
-the discrete-time VP schedule of the original DPM-Solver code:
+"""The discretisation of the reference's DPM-Solver (Lu, Zhou, Bao, Chen, Li & Zhu, "DPM-Solver++:
+Fast Solver for Guided Sampling of Diffusion Probabilistic Models", 2022): the discrete-time VP
+schedule of the original DPM-Solver code in continuous time, and its time-uniform grid. The solver
+itself, DPM-Solver++(2M), is :func:`ldm.models.diffusion.solvers.sample_dpmpp_2m` (the same
+function as the ``dpmpp_2m`` sampler; only the grid differs).
 
 * time ``t`` in ``[1/N, 1]``; ``t_n = n/N`` for the model's index ``n - 1``;
   ``log alpha(t)`` is ``0.5·log(alphas_cumprod)`` interpolated piecewise linearly over ``t_n``;
-  ``sigma(t) = sqrt(1 - alpha²)``, ``lambda(t) = log alpha - log sigma`` (half log-SNR).
+  ``sigma(t) = sqrt(1 - alpha²)``, ``lambda(t) = log alpha - log sigma`` (half log-SNR); in the
+  solvers' sigma space the level is ``sigma/alpha = exp(-lambda)``.
 * the model gets the FRACTIONAL timestep ``(t - 1/N)·1000`` (999.0 first; 99.9 last for 10 steps).
 * ``time_uniform`` steps: ``linspace(1, 1/N, S + 1)`` (float32).
-* updates in data prediction (``x0``) form; first step first order; with ``lower_order_final``
-  and fewer than 15 steps the last step is first order too; no thresholding, no final
-  "denoise to zero"; S model calls.
 
-Supported here: orders 1 and 2, ``time_uniform`` steps, ``lower_order_final`` on/off. Not
-ported (the reference sampler never used them): single-step and adaptive solvers, order 3,
+Not ported (the reference sampler never used them): single-step and adaptive solvers, order 3,
 ``logSNR``/``time_quadratic`` spacing, the noise-prediction (non-++) variant, thresholding,
 continuous-time schedules.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 
-__all__ = ["NoiseScheduleVP", "time_uniform_steps", "dpm_solver_pp_first_order", "dpm_solver_pp_second_order",
-           "dpm_solver_pp_multistep"]
+__all__ = ["NoiseScheduleVP", "time_uniform_steps", "time_uniform_grid"]
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:
@@ -72,54 +66,11 @@ def time_uniform_steps(ns: NoiseScheduleVP, steps: int, device=None) -> torch.Te
     return torch.linspace(ns.T, 1.0 / ns.total_N, steps + 1).to(device)
 
 
-def dpm_solver_pp_first_order(ns: NoiseScheduleVP, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                              x0_s: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(1) (= DDIM) from time ``s`` to ``t``:
-    ``x_t = sigma_t/sigma_s·x_s - alpha_t·(e^{-h} - 1)·x0_s``, ``h = lambda_t - lambda_s``."""
-    h = ns.marginal_lambda(t) - ns.marginal_lambda(s)
-    alpha_t = ns.marginal_alpha(t)
-    return (ns.marginal_std(t) / ns.marginal_std(s)) * x - (alpha_t * torch.expm1(-h)) * x0_s
-
-
-def dpm_solver_pp_second_order(ns: NoiseScheduleVP, x: torch.Tensor, s_prev: torch.Tensor, s: torch.Tensor,
-                               t: torch.Tensor, x0_prev: torch.Tensor, x0_s: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(2M) step from ``s`` to ``t`` using the data predictions at ``s_prev`` and ``s``:
-    ``x_t = sigma_t/sigma_s·x_s - alpha_t(e^{-h}-1)·x0_s - ½·alpha_t(e^{-h}-1)·(x0_s - x0_prev)/r``,
-    ``r = h_prev / h``."""
-    lambda_prev, lambda_s, lambda_t = ns.marginal_lambda(s_prev), ns.marginal_lambda(s), ns.marginal_lambda(t)
-    h_prev, h = lambda_s - lambda_prev, lambda_t - lambda_s
-    d1 = (1.0 / (h_prev / h)) * (x0_s - x0_prev)
-    phi = ns.marginal_alpha(t) * (torch.exp(-h) - 1.0)
-    return (ns.marginal_std(t) / ns.marginal_std(s)) * x - phi * x0_s - 0.5 * phi * d1
-
-
-def dpm_solver_pp_multistep(data_prediction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                            x: torch.Tensor, times: torch.Tensor, ns: NoiseScheduleVP, order: int = 2,
-                            lower_order_final: bool = True,
-                            callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None):
-    """Multistep DPM-Solver++ of ``order`` 1 or 2 along ``times`` (noisiest first, ``[n + 1]``).
-
-    :param data_prediction: ``(x, t) -> x0`` at continuous time ``t`` (scalar tensor).
-    :param x: the state at ``times[0]``.
-    :param callback: ``callback(i, x_after_step_i, x0_used_by_step_i)``.
-    :returns: the state at ``times[-1]``; ``n`` calls of ``data_prediction``.
-    """
-    if order not in (1, 2):
-        raise ValueError(f"DPM-Solver++ multistep order must be 1 or 2 here, got {order}")
-    n = len(times) - 1
-    x0_hist = [data_prediction(x, times[0])]
-    t_hist = [times[0]]
-    for i in range(1, n + 1):
-        step_order = order if i > 1 else 1
-        if lower_order_final and n < 15:
-            step_order = min(step_order, n + 1 - i)
-        if step_order == 1:
-            x = dpm_solver_pp_first_order(ns, x, t_hist[-1], times[i], x0_hist[-1])
-        else:
-            x = dpm_solver_pp_second_order(ns, x, t_hist[-2], t_hist[-1], times[i], x0_hist[-2], x0_hist[-1])
-        if callback is not None:
-            callback(i - 1, x, x0_hist[-1])
-        if i < n:  # the final state needs no model call
-            x0_hist = (x0_hist + [data_prediction(x, times[i])])[-2:]
-            t_hist = (t_hist + [times[i]])[-2:]
-    return x
+def time_uniform_grid(ns: NoiseScheduleVP, steps: int):
+    """The reference's time-uniform grid as noise levels: ``(times [steps+1], sigmas [steps+1],
+    model_times [steps+1])`` with ``sigma(t) = std(t)/alpha(t)`` (sigma space) and the fractional
+    model timestep ``(t - 1/N)·1000`` of each time (the last is never called)."""
+    times = time_uniform_steps(ns, steps)
+    log_alpha = ns.marginal_log_mean_coeff(times)
+    sigmas = torch.sqrt(1.0 - torch.exp(2.0 * log_alpha)) / torch.exp(log_alpha)
+    return times, sigmas, ns.model_time(times)
