@@ -219,3 +219,13 @@ def seed_generators(seed: int, n: int) -> list[torch.Generator]:
 def random_seed() -> int:
     """A fresh seed for runs without ``--seed`` (0 .. 2**32-1, the range the reference drew from)."""
     return secrets.randbelow(2**32)
+
+
+def resolve_placement(device: str | torch.device | None = "auto",
+                      precision: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` from a ``--device`` and a ``--precision`` value, each resolved once
+    (:func:`pick_device`, :func:`resolve_precision`); a ``torch.device`` or ``torch.dtype`` passed
+    in is taken as already chosen."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dtype = precision if isinstance(precision, torch.dtype) else resolve_precision(precision, dev)
+    return dev, dtype

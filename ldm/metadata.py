@@ -202,7 +202,7 @@ def pnginfo(text: str):
     Latin-1 only), so prompts in any script read back unchanged.
 
     :returns: ``PIL.PngImagePlugin.PngInfo`` for ``image.save(..., pnginfo=...)`` or
-        :func:`ldm.image_io.save_numbered`.
+        :func:`ldm.image_save.save_numbered`.
     """
     from PIL.PngImagePlugin import PngInfo
 

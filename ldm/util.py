@@ -24,6 +24,15 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
         raise ImportError(f"config target {string!r}: module {module!r} has no attribute {name!r}") from None
 
 
+def config_get(node: Any, *keys: str, default: Any = None) -> Any:
+    """``node[keys[0]][keys[1]]...`` of a config (OmegaConf or dict), or ``default`` where missing."""
+    for key in keys:
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(key)
+    return default if node is None else node
+
+
 _SENTINELS = ("__is_first_stage__", "__is_unconditional__")
 
 

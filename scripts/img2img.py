@@ -32,7 +32,7 @@ def build_parser():
     parser.add_argument("--init-img", dest="init_img", type=str, nargs="?", default=None,
                         help="path to the input image")
     cli.add_output_args(parser, "outputs/img2img-samples")
-    cli.add_sampling_args(parser, steps=50, scale=5.0, n_samples=2, n_iter=1)
+    cli.add_sampling_args(parser, "img2img", n_samples=2, n_iter=1)
     parser.add_argument("--strength", type=float, default=0.75,
                         help="how much of the init image is replaced, in [0, 1]: 1.0 destroys all of its "
                              "information")
@@ -64,34 +64,28 @@ def run(opt) -> None:
     # -- every check, before any model is loaded
     if not opt.init_img:
         raise cli.UserInputError("no init image given; pass --init-img PATH")
-    if not 0.0 <= opt.strength <= 1.0:
-        raise cli.UserInputError(f"--strength {opt.strength} is outside [0, 1]; pass a value such as 0.75")
-    sampler = cli.resolve_sampler(opt)
-    eta = cli.sampler_eta(opt, sampler)
-    cli.check_batch_args(opt, sampler)
-    config, geometry = cli.check_model(opt.config, opt.ckpt, ("txt2img",), "img2img")
-    cli.check_geometry(opt, geometry)
+    from ldm.generate.inputs import check_strength
+
+    check_strength(opt.strength, "--strength")
+    plan = cli.plan_run(opt, "img2img")
     if opt.strength > 0:
         from ldm.models.diffusion.sampling import start_step_for_strength
 
         start_step_for_strength(opt.steps, opt.strength)  # strength * steps must run at least one step
     prompts = cli.read_prompts(opt)
-    init_image = load_init_image(opt, geometry.factor)
-    outdir = cli.check_outdir(opt.outdir)
-    cli.check_watermark_available()
+    init_image = load_init_image(opt, plan.spec.geometry.factor)
     data = cli.prompt_batches(opt, prompts)
-    checker_folder, safety_status = cli.safety_plan(opt, config)
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, config, checker_folder, safety_status)
-    writer = ImageWriter(outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
+    sd = cli.load_pipeline(opt, plan)
+    writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
     def make_batch(batch_prompts, first_seed):
         return sd.img2img(batch_prompts, init_image, first_seed, strength=opt.strength,
-                          negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=sampler, scale=opt.scale,
-                          eta=eta)
+                          negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=plan.sampler,
+                          scale=opt.scale, eta=plan.eta)
 
     cli.generate_all(opt, data, make_batch, writer)
 

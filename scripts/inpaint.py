@@ -39,8 +39,7 @@ def build_parser():
                         help="text-guided mode: the mask, same size as the image; white = repaint")
     cli.add_prompt_args(parser, default="")
     cli.add_output_args(parser, "outputs/inpainting-samples")
-    cli.add_sampling_args(parser, steps_flags=("--steps", "--ddim_steps"), steps=50, scale=7.5, n_samples=1,
-                          n_iter=1)
+    cli.add_sampling_args(parser, "inpaint", steps_flags=("--steps", "--ddim_steps"), n_samples=1, n_iter=1)
     cli.add_model_args(parser, config=None, ckpt=None,
                        config_help=f"model config (default: {cli.LDM_INPAINT_CONFIG} with --indir, "
                                    f"{cli.SD_CONFIG} with --init-img)",
@@ -85,14 +84,10 @@ def run(opt) -> None:
     if not ldm_mode and not (opt.init_img and opt.mask):
         raise cli.UserInputError("pass --indir DIR (LDM inpainting of NAME.png/NAME_mask.png pairs) or "
                                  "--init-img IMAGE --mask MASK --prompt TEXT (text-guided inpainting)")
-    sampler = cli.resolve_sampler(opt)
-    eta = cli.sampler_eta(opt, sampler)
-    cli.check_batch_args(opt, sampler)
     if ldm_mode:
         opt.config = opt.config or cli.LDM_INPAINT_CONFIG
         opt.ckpt = opt.ckpt or cli.LDM_INPAINT_CKPT
-        config, _ = cli.check_model(opt.config, opt.ckpt, ("ldm-inpaint",), "LDM inpainting (--indir)",
-                                    expected_ckpt=cli.LDM_INPAINT_CKPT)
+        plan = cli.plan_run(opt, "inpaint_ldm", expected_ckpt=cli.LDM_INPAINT_CKPT)
         inputs = [(image_path, *load_pair(image_path, mask_path)) for image_path, mask_path in find_pairs(opt.indir)]
         if opt.prompt or opt.negative_prompt or opt.from_file:
             cli.log.warning("the LDM inpainting model takes no text: --prompt/--negative_prompt/--from-file "
@@ -100,22 +95,20 @@ def run(opt) -> None:
     else:
         opt.config = opt.config or cli.SD_CONFIG
         opt.ckpt = opt.ckpt or cli.SD_CKPT
-        config, _ = cli.check_model(opt.config, opt.ckpt, ("txt2img", "sd-inpaint"), "text-guided inpainting")
+        plan = cli.plan_run(opt, "inpaint")
         image, mask = load_pair(opt.init_img, opt.mask)
         prompts = cli.read_prompts(opt)
         data = cli.prompt_batches(opt, prompts)
-    outdir = cli.check_outdir(opt.outdir)
-    cli.check_watermark_available()
-    checker_folder, safety_status = cli.safety_plan(opt, config)
+    outdir = plan.outdir
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, config, checker_folder, safety_status)
+    sd = cli.load_pipeline(opt, plan)
     if ldm_mode:
         writer = ImageWriter(outdir, sample_dir=None, save_grid=False)
         for k, (image_path, image, mask) in enumerate(inputs):
-            result = sd.inpaint_ldm(image, mask, opt.seed + k, steps=opt.steps, sampler=sampler, eta=eta)
+            result = sd.inpaint_ldm(image, mask, opt.seed + k, steps=opt.steps, sampler=plan.sampler, eta=plan.eta)
             path = writer.write(result.images[0], result.records[0], outdir, name=Path(image_path).name)
             cli.report_saved([path], result.records)
         cli.log.info("your results are in %s", outdir)
@@ -125,7 +118,7 @@ def run(opt) -> None:
 
     def make_batch(batch_prompts, first_seed):
         return sd.inpaint(batch_prompts, image, mask, first_seed, negative_prompt=opt.negative_prompt,
-                          steps=opt.steps, sampler=sampler, scale=opt.scale, eta=eta)
+                          steps=opt.steps, sampler=plan.sampler, scale=opt.scale, eta=plan.eta)
 
     cli.generate_all(opt, data, make_batch, writer)
 

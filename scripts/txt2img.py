@@ -29,10 +29,11 @@ def build_parser():
     parser = cli.make_parser(__doc__)
     cli.add_prompt_args(parser)
     cli.add_output_args(parser, "outputs/txt2img-samples")
-    cli.add_sampling_args(parser, steps=50, scale=7.5, n_samples=3, n_iter=2)
+    cli.add_sampling_args(parser, "txt2img", n_samples=3, n_iter=2)
     parser.add_argument("--laion400m", action="store_true",
                         help=f"use the LAION-400M LDM model ({cli.LAION_CONFIG}, {cli.LAION_CKPT})")
-    cli.add_size_args(parser, default=None, help_extra=" (default: the config's demo.height/width, else 512)")
+    cli.add_size_args(parser, default=None, help_extra=" (default: the model's, 512 for SD v1; a config's "
+                                                       "demo.height/width)")
     cli.add_model_args(parser)
     cli.add_safety_args(parser)
     return parser
@@ -42,27 +43,19 @@ def run(opt) -> None:
     # -- every check, before any model is loaded
     if opt.laion400m:
         cli.check_laion400m()
-    sampler = cli.resolve_sampler(opt)
-    eta = cli.sampler_eta(opt, sampler)
-    cli.check_batch_args(opt, sampler)
-    config, geometry = cli.check_model(opt.config, opt.ckpt, ("txt2img",), "txt2img")
-    cli.default_size(opt, config)
-    cli.check_geometry(opt, geometry)
+    plan = cli.plan_run(opt, "txt2img", fill_size=True)
     prompts = cli.read_prompts(opt)
-    outdir = cli.check_outdir(opt.outdir)
-    cli.check_watermark_available()
     data = cli.prompt_batches(opt, prompts)
-    checker_folder, safety_status = cli.safety_plan(opt, config)
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, config, checker_folder, safety_status)
-    writer = ImageWriter(outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
+    sd = cli.load_pipeline(opt, plan)
+    writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
     def make_batch(batch_prompts, first_seed):
         return sd.txt2img(batch_prompts, first_seed, negative_prompt=opt.negative_prompt, steps=opt.steps,
-                          sampler=sampler, scale=opt.scale, eta=eta, width=opt.W, height=opt.H)
+                          sampler=plan.sampler, scale=opt.scale, eta=plan.eta, width=opt.W, height=opt.H)
 
     cli.generate_all(opt, data, make_batch, writer)
 

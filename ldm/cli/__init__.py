@@ -1,0 +1,141 @@
+"""What the scripts share: argument definitions (:mod:`.args`), every input check in one place
+(:mod:`.checks`), logging setup and the ``main()`` wrapper that turns user mistakes into one
+``error: ...`` line and exit code 2 instead of a traceback.
+
+Nothing here imports torch at module level, so ``--help`` and argument errors are instant; the
+checks that need the library (config, sizes, files) run before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+# the scripts use every piece as cli.<name>
+from ldm.cli.args import *  # noqa: F401,F403
+from ldm.cli.args import EXIT_USER_ERROR
+from ldm.cli.checks import *  # noqa: F401,F403
+from ldm.cli.checks import RunPlan
+from ldm.errors import UserInputError  # noqa: F401  (cli.UserInputError in the scripts)
+
+log = logging.getLogger("ldm.scripts")
+
+
+def batches(items: Sequence, size: int) -> Iterator[list]:
+    """Consecutive chunks of ``size``; the last one may be smaller."""
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def prompt_batches(opt: argparse.Namespace, prompts: Sequence[str]) -> list:
+    """One prompt ``n_samples`` times, or the file's prompts ``n_samples`` at a time (the last batch
+    may be smaller, unlike the original, which failed then). Also checks that every seed of the run
+    (``seed`` .. ``seed + images - 1``) is in range."""
+    from ldm.devices import seed_generators
+
+    if getattr(opt, "from_file", None):
+        data = list(batches(prompts, opt.n_samples))
+    else:
+        data = [[prompts[0]] * opt.n_samples]
+    seed_generators(opt.seed, opt.n_iter * sum(map(len, data)))
+    return data
+
+
+def generate_all(opt: argparse.Namespace, data: Sequence[list], make_batch: Callable, writer) -> None:
+    """Run ``make_batch(prompts, first_seed)`` for every batch of every iteration, write the images
+    and the grid, and log each file with its seed.
+
+    Image ``k`` of the run gets seed ``opt.seed + k``; with ``--fixed_code`` every iteration
+    repeats the seeds of the first batch (image ``k`` of each batch: ``opt.seed + k``).
+    """
+    index = 0
+    for _ in range(opt.n_iter):
+        for batch_prompts in data:
+            result = make_batch(batch_prompts, opt.seed if opt.fixed_code else opt.seed + index)
+            report_saved(writer.add(result), result.records)
+            index += len(batch_prompts)
+    grid = writer.write_grid(opt.n_rows or opt.n_samples)
+    if grid:
+        log.info("grid: %s", grid)
+    log.info("your samples are in %s", writer.outdir)
+
+
+def load_pipeline(opt: argparse.Namespace, plan: RunPlan):
+    """The safety checker, then the model, on the device and in the precision of ``plan``."""
+    from ldm.generate import StableDiffusion, load_safety_checker
+
+    checker = None
+    if plan.checker_folder is not None:
+        log.info("loading the safety checker from %s", plan.checker_folder)
+        checker = load_safety_checker(plan.checker_folder, plan.device)
+    return StableDiffusion.from_files(plan.config, opt.ckpt, device=plan.device, precision=plan.dtype,
+                                      use_ema=True if opt.use_ema else None, safety_checker=checker,
+                                      safety_status=plan.safety_status,
+                                      exact_batches=not getattr(opt, "fast_batch", False))
+
+
+def report_saved(paths: Sequence[Path], records: Sequence) -> None:
+    for path, record in zip(paths, records):
+        note = " (flagged by the safety checker: placeholder saved)" if record.nsfw else ""
+        log.info("%s: seed %d%s", path, record.seed, note)
+    if not paths:
+        for record in records:
+            if record.nsfw:
+                log.warning("image of seed %d flagged by the safety checker", record.seed)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """A :class:`UserInputError` or a :class:`ldm.checkpoint.CheckpointError` (looked up only when
+    that module is loaded, so an early error does not import torch)."""
+    if isinstance(exc, UserInputError):
+        return True
+    checkpoint = sys.modules.get("ldm.checkpoint")
+    return checkpoint is not None and isinstance(exc, checkpoint.CheckpointError)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+_handler: Optional[logging.Handler] = None
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Messages on stderr: plain for INFO, ``WARNING: ...`` above (replaces the handler an earlier
+    call installed, and only that one)."""
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(_Formatter("%(message)s"))
+    root.addHandler(_handler)
+    root.setLevel(level)
+    # the samplers log their tables at INFO: useful when debugging, noise in a script's output
+    logging.getLogger("ldm.models.diffusion").setLevel(max(level, logging.WARNING))
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and call ``run(opt)``; user errors become ``error: <one line>`` and exit code 2.
+
+    :returns: the exit code (0 on success).
+    """
+    opt = parser.parse_args(argv)
+    setup_logging()
+    try:
+        run(opt)
+    except Exception as exc:  # noqa: BLE001 - only user errors are handled, everything else is re-raised
+        if not _is_user_error(exc):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

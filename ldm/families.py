@@ -1,0 +1,182 @@
+"""Model families: everything the toolkit knows about each kind of model, in one table.
+
+A *family* is a kind of released model (SD v1, the SD v1 inpainting model, ...) with what the
+scripts, the pipeline (:mod:`ldm.generate`) and the CLI (:mod:`ldm.cli`) need to know about it:
+how a config or a built model is recognised, the default image size, sampler, step count and
+guidance scale, what the model is conditioned on, the invisible-watermark text, whether its images
+go through the safety checker, and which pipeline methods (and so which scripts) can run it.
+Nothing else in the package re-derives these facts; it asks :func:`family_of`.
+
+Adding a family (see docs/architecture.md, "Adding a model family"): write a recogniser over
+:class:`ModelFacts`, add one :class:`Family` to :data:`FAMILIES` *before* any broader family it
+would otherwise fall into, and give the pipeline the conditioning it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+from ldm.util import config_get
+
+__all__ = ["ModelFacts", "Family", "FAMILIES", "METHODS", "family_of", "get_family", "facts_from_config",
+           "facts_from_model"]
+
+#: Pipeline method -> (what it is called in messages, the script that runs it).
+METHODS = {
+    "txt2img": ("txt2img", "scripts/txt2img.py"),
+    "img2img": ("img2img", "scripts/img2img.py"),
+    "inpaint": ("text-guided inpainting", "scripts/inpaint.py --init-img --mask --prompt"),
+    "inpaint_ldm": ("LDM inpainting (--indir)", "scripts/inpaint.py --indir"),
+}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a family is recognised by; read from a config (:func:`facts_from_config`) or from a
+    built model (:func:`facts_from_model`), so both give the same family.
+
+    :ivar target: the diffusion model's class path (``ldm.models.diffusion.ddpm.LatentDiffusion``).
+    :ivar cond_stage: the conditioning encoder's class path, ``"__is_first_stage__"`` when the model
+        is conditioned on its own first stage, ``""`` for none.
+    :ivar conditioning_key: ``crossattn``, ``concat``, ``hybrid``, ... (None when unset).
+    :ivar latent_channels: channels of the first stage's latents.
+    :ivar unet_in_channels: channels the UNet takes (latents plus any concatenated conditioning).
+    :ivar parameterization: ``"eps"`` or ``"v"``.
+    """
+
+    target: str
+    cond_stage: str
+    conditioning_key: Optional[str]
+    latent_channels: int
+    unet_in_channels: int
+    parameterization: str = "eps"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    :ivar name: short id (``"sd-v1"``), used in messages and docs.
+    :ivar title: human name (``"Stable Diffusion v1"``).
+    :ivar kind: how the pipeline conditions the model: ``"txt2img"`` (text through cross-attention),
+        ``"sd-inpaint"`` (text + mask + masked-image latent, 9-channel UNet), ``"ldm-inpaint"``
+        (mask + masked image through the first stage, no text), ``"bert"`` (the LDM text model,
+        not runnable yet) or ``"other"``.
+    :ivar recognise: ``recognise(facts) -> bool``.
+    :ivar conditioning: what the model is conditioned on, e.g. ``("text",)``.
+    :ivar methods: pipeline methods that can run it (keys of :data:`METHODS`); scripts follow.
+    :ivar size: default ``(height, width)`` in pixels (a config's ``demo:`` section may override).
+    :ivar sampler, steps: defaults of every script and method.
+    :ivar scale: default guidance scale per method (the reference scripts' defaults).
+    :ivar watermark: text of the invisible watermark written into its images.
+    :ivar safety_checker: whether its images go through the safety checker by default.
+    :ivar config, checkpoint: where the original scripts expected its config and checkpoint.
+    :ivar unsupported: why it cannot run yet (None when it can).
+    """
+
+    name: str
+    title: str
+    kind: str
+    recognise: Callable[[ModelFacts], bool]
+    conditioning: tuple = ()
+    methods: tuple = ()
+    size: tuple = (512, 512)
+    sampler: str = "ddim"
+    steps: int = 50
+    scale: Mapping[str, float] = field(default_factory=lambda: {"txt2img": 7.5, "img2img": 5.0, "inpaint": 7.5,
+                                                                "inpaint_ldm": 1.0})
+    watermark: str = "StableDiffusionV1"
+    safety_checker: bool = True
+    config: Optional[str] = None
+    checkpoint: Optional[str] = None
+    unsupported: Optional[str] = None
+
+    def default_scale(self, method: str) -> float:
+        """The guidance scale ``method`` uses when none is given."""
+        return float(self.scale.get(method, 7.5))
+
+    def usage_hint(self) -> str:
+        """What this model is and which script runs it, for an error message."""
+        if self.unsupported:
+            return self.unsupported
+        if not self.methods:
+            return f"it is {self.title}, which no script here runs"
+        scripts = " or ".join(dict.fromkeys(METHODS[m][1] for m in self.methods))
+        return f"it is {self.title}: use {scripts}"
+
+
+def _is_sd_inpainting(f: ModelFacts) -> bool:
+    return f.target.endswith("LatentInpaintDiffusion") or (
+        f.conditioning_key == "hybrid" and f.unet_in_channels == 2 * f.latent_channels + 1)
+
+
+def _is_text_to_image(f: ModelFacts) -> bool:
+    return bool(f.cond_stage) and f.unet_in_channels == f.latent_channels
+
+
+#: Every family, most specific first: :func:`family_of` returns the first that recognises a model.
+FAMILIES: tuple = (
+    Family("ldm-inpainting", "the LDM inpainting model (inpainting_big)", "ldm-inpaint",
+           lambda f: f.cond_stage == "__is_first_stage__", conditioning=("mask", "masked image"),
+           methods=("inpaint_ldm",), size=(256, 256), config="models/ldm/inpainting_big/config.yaml",
+           checkpoint="models/ldm/inpainting_big/last.ckpt"),
+    Family("sd-v1-inpainting", "an SD inpainting model", "sd-inpaint", _is_sd_inpainting,
+           conditioning=("text", "mask", "masked-image latent"), methods=("inpaint",),
+           config="configs/stable-diffusion/v1-inpainting-inference.yaml", checkpoint="sd-v1-5-inpainting.ckpt"),
+    Family("ldm-txt2img", "the LDM text-to-image model (BERT)", "bert", lambda f: "BERT" in f.cond_stage,
+           conditioning=("text",), size=(256, 256),
+           config="configs/latent-diffusion/txt2img-1p4B-eval.yaml", checkpoint="models/ldm/text2img-large/model.ckpt",
+           unsupported="it uses the BERT text encoder of the LDM 1p4B model, which this package cannot run yet; "
+                       "use a Stable Diffusion config and checkpoint"),
+    Family("sd-v1", "a Stable Diffusion v1 text-to-image model", "txt2img", _is_text_to_image, conditioning=("text",),
+           methods=("txt2img", "img2img", "inpaint"), config="configs/stable-diffusion/v1-inference.yaml",
+           checkpoint="models/ldm/stable-diffusion-v1/model.ckpt"),
+    Family("unknown", "not a text-to-image model", "other", lambda f: True),
+)
+
+
+def family_of(facts: ModelFacts) -> Family:
+    """The first family of :data:`FAMILIES` that recognises ``facts`` (``unknown`` at the end)."""
+    return next(family for family in FAMILIES if family.recognise(facts))
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; :raises KeyError: naming the known ones."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def facts_from_config(config: Mapping[str, Any]) -> ModelFacts:
+    """:class:`ModelFacts` of a config (the whole YAML or its ``model`` node); reads only, builds nothing."""
+    node = config.get("model", config) if hasattr(config, "get") else config
+    params = config_get(node, "params", default={})
+    cond_stage = config_get(params, "cond_stage_config", default="")
+    latent = int(config_get(params, "first_stage_config", "params", "embed_dim",
+                            default=config_get(params, "channels", default=4)))
+    return ModelFacts(
+        target=str(config_get(node, "target", default="")),
+        cond_stage=str(config_get(cond_stage, "target", default="")) if hasattr(cond_stage, "get") else str(cond_stage),
+        conditioning_key=config_get(params, "conditioning_key"),
+        latent_channels=latent,
+        unet_in_channels=int(config_get(params, "unet_config", "params", "in_channels", default=latent)),
+        parameterization=str(config_get(params, "parameterization", default="eps")))
+
+
+def facts_from_model(model) -> ModelFacts:
+    """:class:`ModelFacts` of a built diffusion model (``LatentDiffusion`` and its subclasses)."""
+    def path(obj) -> str:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+    cond = getattr(model, "cond_stage_model", None)
+    first = getattr(model, "first_stage_model", None)
+    if cond is None:
+        cond_stage = ""
+    else:
+        cond_stage = "__is_first_stage__" if cond is first else path(cond)
+    latent = int(getattr(first, "embed_dim", getattr(model, "channels", 4)))
+    unet = model.model
+    return ModelFacts(target=path(model), cond_stage=cond_stage, conditioning_key=unet.conditioning_key,
+                      latent_channels=latent, unet_in_channels=int(unet.diffusion_model.in_channels),
+                      parameterization=str(getattr(model, "parameterization", "eps")))

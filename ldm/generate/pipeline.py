@@ -1,0 +1,430 @@
+"""The pipeline: :class:`StableDiffusion`, a loaded model with txt2img / img2img / inpaint methods.
+
+What every method does, in the reference's order: text conditioning (classifier-free guidance
+with the negative prompt, or ``""``, as the unconditional prompt whenever ``scale != 1``),
+sampling inside ``model.ema_scope()`` with any sampler of :mod:`ldm.models.diffusion.registry`,
+decoding (redone in float32 when a half-precision decode overflows), the safety check, and 8-bit
+images by truncation as the reference wrote them. Defaults (size, sampler, steps, guidance scale,
+watermark) come from the model's family (:class:`ldm.generate.config.ModelSpec`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.errors import UserInputError
+from ldm.generate.batching import PaddedPerImageModel
+from ldm.generate.config import ModelSpec, check_image_size, describe_config, describe_model, load_config
+from ldm.generate.inputs import as_list, binary_mask, check_strength, expand_prompts, generators_for, pad_image
+from ldm.generate.records import SAFETY_OFF, GenerationError, GenerationResult, ImageRecord, make_result
+
+__all__ = ["StableDiffusion", "load_safety_checker"]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class StableDiffusion:
+    """A loaded model with txt2img / img2img / inpaint methods.
+
+    :param model: a loaded ``LatentDiffusion`` (see :func:`ldm.checkpoint.load_model_from_config`).
+    :param model_name: written as ``Model:`` (e.g. the checkpoint's file stem).
+    :param model_hash: written as ``Model hash:`` (:func:`ldm.metadata.model_hash`).
+    :param safety_checker: a :class:`ldm.safety_checker.SafetyChecker`, or None.
+    :param safety_status: what to record when ``safety_checker`` is None: ``SAFETY_OFF`` or
+        ``SAFETY_NOT_NEEDED``.
+    :param progress: show a progress bar per sampling run.
+    :param exact_batches: run the networks one image at a time, so that an image is bit-identical
+        to the one its seed gives alone (batched kernels round differently per batch size). False
+        runs each batch at once: faster on GPUs, and an image then differs from its single-image
+        run by float rounding (about one level in 8 bits).
+    """
+
+    def __init__(self, model, *, spec: Optional[ModelSpec] = None, model_name: Optional[str] = None,
+                 model_hash: Optional[str] = None, safety_checker=None, safety_status: str = SAFETY_OFF,
+                 progress: bool = True, exact_batches: bool = True):
+        self.model = model
+        self.spec = spec if spec is not None else describe_model(model)
+        self.exact_batches = exact_batches
+        self.model_name = model_name
+        self.model_hash = model_hash
+        self.safety_checker = safety_checker
+        self.safety_status = safety_status
+        self.progress = progress
+        self._warned_prompts: set = set()
+
+    @classmethod
+    def from_files(cls, config: Union[PathLike, Mapping[str, Any]], ckpt: PathLike, *,
+                   device: Union[str, torch.device] = "auto", precision: Union[str, torch.dtype] = "auto",
+                   use_ema: Optional[bool] = None, safety_checker: Union[None, PathLike, Any] = None,
+                   safety_status: str = SAFETY_OFF, hash_checkpoint: bool = True, progress: bool = True,
+                   exact_batches: bool = True) -> "StableDiffusion":
+        """Load a config and checkpoint.
+
+        :param config: a YAML path or a loaded config; its family and ``demo:`` section set the
+            defaults (:func:`ldm.generate.config.describe_config`).
+        :param ckpt: ``.ckpt`` / ``.safetensors`` (format by extension).
+        :param device: ``auto`` (CUDA, MPS, CPU), ``cpu``, ``cuda[:N]``, ``mps``, or a ``torch.device``.
+        :param precision: ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32),
+            ``full``/``fp32``, ``fp16``, ``bf16``, ``autocast`` (fp16 on CUDA, else fp32: the
+            reference), or a ``torch.dtype`` already chosen.
+        :param use_ema: None: as the config says (``ema_scope``); True: run the EMA weights of a
+            full-EMA checkpoint; False: run the non-EMA weights.
+        :param safety_checker: a loaded checker, the folder of its files, or None (off).
+        :param exact_batches, progress: see the class.
+        :raises UserInputError / CheckpointError: one-line messages.
+        """
+        from ldm.checkpoint import load_model_from_config
+        from ldm.devices import resolve_placement
+
+        if not isinstance(config, Mapping) and not hasattr(config, "get"):
+            config = load_config(config)
+        dev, dtype = resolve_placement(device, precision)
+        checker = safety_checker
+        if isinstance(checker, (str, os.PathLike)):
+            checker = load_safety_checker(checker, dev)
+        log.info("loading model from %s (%s, %s)", ckpt, dev, str(dtype).replace("torch.", ""))
+        model = load_model_from_config(config, ckpt, device=dev, dtype=dtype, use_ema=use_ema)
+        digest = None
+        if hash_checkpoint:
+            from ldm.metadata import model_hash
+
+            log.info("computing the model hash of %s for the metadata", ckpt)
+            digest = model_hash(ckpt)
+        return cls(model, spec=describe_config(config), model_name=Path(ckpt).stem, model_hash=digest,
+                   safety_checker=checker, safety_status=safety_status, progress=progress,
+                   exact_batches=exact_batches)
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.betas.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.model.parameters()).dtype
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent position (8 for SD)."""
+        return self.spec.geometry.factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.spec.geometry.latent_channels
+
+    @property
+    def kind(self) -> str:
+        """The family's kind: ``"txt2img"``, ``"sd-inpaint"`` or ``"ldm-inpaint"`` (:class:`ldm.families.Family`)."""
+        return self.spec.family.kind
+
+    def check_size(self, width: int, height: int) -> None:
+        """:raises UserInputError: when a side is not a positive multiple of the autoencoder's factor."""
+        check_image_size(self.factor, width, height)
+
+    # -- public methods ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def txt2img(self, prompts: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]] = 42, *,
+                n: Optional[int] = None, negative_prompt: Union[str, Sequence[str]] = "", steps: Optional[int] = None,
+                sampler: Optional[str] = None, scale: Optional[float] = None, eta: Optional[float] = None,
+                width: Optional[int] = None, height: Optional[int] = None) -> GenerationResult:
+        """Images from text; one batch. Settings left at None take the model family's defaults
+        (:attr:`spec`: e.g. 512x512, DDIM, 50 steps, scale 7.5 for SD v1; 64x64 for the demo model).
+
+        :param prompts: one prompt (repeated ``n`` times) or one per image.
+        :param seeds: one seed (image ``k`` gets ``seed + k``) or one per image.
+        :param n: number of images (default: one per prompt, or per seed).
+        :param negative_prompt: the unconditional prompt of guidance, one or one per image.
+        :param sampler: a name of :data:`ldm.models.diffusion.registry.SAMPLER_NAMES`.
+        :param eta: DDIM / Euler a noise amount (None: their defaults, 0 and 1).
+        :returns: :class:`GenerationResult` with ``width x height`` RGB images.
+        """
+        self._require("txt2img")
+        steps, sampler, scale = self._settings("txt2img", steps, sampler, scale)
+        width, height = width or self.spec.width, height or self.spec.height
+        prompts, seeds = expand_prompts(prompts, seeds, n)
+        negatives = as_list(negative_prompt, len(prompts), "negative prompt")
+        self.check_size(width, height)
+        c, uc = self._text_conditioning(prompts, negatives, scale)
+        generators = generators_for(seeds)
+        shape = (self.latent_channels, height // self.factor, width // self.factor)
+        z = self._sample(sampler, steps, shape, c, uc, scale, eta, generators)
+        records = self._records("txt2img", prompts, negatives, seeds, sampler, steps, scale, eta, width, height)
+        return self._finish(self.decode(z), records)
+
+    @torch.no_grad()
+    def img2img(self, prompts: Union[str, Sequence[str]], init_image: Image.Image,
+                seeds: Union[int, Sequence[int]] = 42, *, n: Optional[int] = None, strength: float = 0.75,
+                negative_prompt: Union[str, Sequence[str]] = "", steps: Optional[int] = None,
+                sampler: Optional[str] = None, scale: Optional[float] = None,
+                eta: Optional[float] = None) -> GenerationResult:
+        """Variations of ``init_image``: it is encoded (a posterior sample, as the reference), noised
+        to the level of ``strength`` and denoised over the last ``int(strength * steps)`` steps.
+
+        :param init_image: RGB PIL image whose sides are multiples of the autoencoder factor
+            (8 for SD; see :func:`ldm.image_io.resize_to_multiple`).
+        :param strength: in ``[0, 1]``; 1 ignores the image's content, 0 returns it re-encoded.
+        Other parameters as :meth:`txt2img`.
+        """
+        self._require("img2img")
+        steps, sampler, scale = self._settings("img2img", steps, sampler, scale)
+        check_strength(strength)
+        prompts, seeds = expand_prompts(prompts, seeds, n)
+        negatives = as_list(negative_prompt, len(prompts), "negative prompt")
+        image = init_image.convert("RGB") if init_image.mode != "RGB" else init_image
+        self.check_size(*image.size)
+        c, uc = self._text_conditioning(prompts, negatives, scale)
+        generators = generators_for(seeds)
+        z0 = self._encode(image, generators)
+        if strength == 0:
+            log.info("strength 0: the init image is only encoded and decoded")
+            z = z0
+        else:
+            from ldm.models.diffusion.sampling import start_step_for_strength
+
+            start = start_step_for_strength(steps, strength)
+            z = self._sample(sampler, steps, tuple(z0.shape[1:]), c, uc, scale, eta, generators, x0=z0,
+                             start_step=start)
+        records = self._records("img2img", prompts, negatives, seeds, sampler, steps, scale, eta, *image.size,
+                                strength=strength)
+        return self._finish(self.decode(z), records)
+
+    @torch.no_grad()
+    def inpaint(self, prompts: Union[str, Sequence[str]], image: Image.Image, mask: Union[Image.Image, np.ndarray],
+                seeds: Union[int, Sequence[int]] = 42, *, n: Optional[int] = None,
+                negative_prompt: Union[str, Sequence[str]] = "", steps: Optional[int] = None,
+                sampler: Optional[str] = None, scale: Optional[float] = None,
+                eta: Optional[float] = None) -> GenerationResult:
+        """Repaint the white part of ``mask`` following the prompt; the rest of the image comes back
+        bit for bit.
+
+        With the 9-channel SD inpainting model the UNet is conditioned on the mask and the latent
+        of the masked image (``c_concat``; the unconditional branch of guidance keeps the same
+        ``c_concat``). With an ordinary SD model the known region is held on the forward path of
+        the image's latent at every step (the samplers' ``mask``/``x0``; a latent cell counts as
+        known when none of its pixels is to be repainted). Either way the known pixels are then
+        pasted back from ``image``.
+
+        :param image: RGB PIL image of any size (padded internally to a multiple of 8).
+        :param mask: PIL image or array of the same size; gray >= 128 (white) means repaint.
+        Other parameters as :meth:`txt2img`.
+        """
+        self._require("inpaint")
+        steps, sampler, scale = self._settings("inpaint", steps, sampler, scale)
+        prompts, seeds = expand_prompts(prompts, seeds, n)
+        negatives = as_list(negative_prompt, len(prompts), "negative prompt")
+        image, repaint, width, height = self._inpaint_inputs(image, mask)
+        c, uc = self._text_conditioning(prompts, negatives, scale)
+        generators = generators_for(seeds)
+        pixels = self._pixels(image)                                               # [1, 3, H, W] in [-1, 1]
+        m = torch.from_numpy(pad_image(repaint, self.factor).astype(np.float32))[None, None].to(self.device)
+        if self.kind == "sd-inpaint":
+            # [mask, masked-image latent] per image, the latent a posterior sample from its generator
+            c_concat = [torch.cat([self.model.inpaint_conditioning(pixels, m, generator=[g])[0] for g in generators])]
+            cond = {"c_concat": c_concat, "c_crossattn": [c]}
+            uncond = None if uc is None else {"c_concat": c_concat, "c_crossattn": [uc]}
+            shape = (self.latent_channels, pixels.shape[2] // self.factor, pixels.shape[3] // self.factor)
+            z = self._sample(sampler, steps, shape, cond, uncond, scale, eta, generators)
+        else:
+            z0 = self._encode(image, generators)
+            known = 1.0 - F.max_pool2d(m, self.factor)                             # [1, 1, h, w], 1 = keep
+            z = self._sample(sampler, steps, tuple(z0.shape[1:]), c, uc, scale, eta, generators, x0=z0,
+                             mask=known.to(z0.dtype))
+        x = self.decode(z)[..., :height, :width]
+        records = self._records("inpaint", prompts, negatives, seeds, sampler, steps, scale, eta, width, height)
+        return self._finish(x, records, keep=(np.asarray(image)[:height, :width], ~repaint))
+
+    @torch.no_grad()
+    def inpaint_ldm(self, image: Image.Image, mask: Union[Image.Image, np.ndarray], seed: int = 42, *,
+                    steps: Optional[int] = None, sampler: Optional[str] = None,
+                    eta: Optional[float] = None) -> GenerationResult:
+        """The original ``scripts/inpaint.py`` with the LDM inpainting_big model (no text).
+
+        ``image`` in [0, 1], mask thresholded to {0, 1}, ``masked = (1 - mask)·image``; all three
+        mapped to [-1, 1]; conditioning ``cat([VQ encoding of masked (not quantised), mask resized
+        to the latent (nearest)])``; DDIM, no guidance; the known pixels are then pasted back from
+        ``image`` (the reference's ``(1 - m)·image + m·pred``, exact in 8 bits).
+        """
+        self._require("inpaint_ldm")
+        steps, sampler, _ = self._settings("inpaint_ldm", steps, sampler, 1.0)
+        image, repaint, width, height = self._inpaint_inputs(image, mask)
+        f = self.factor
+        img01 = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0)[None].permute(0, 3, 1, 2)
+        m = torch.from_numpy(pad_image(repaint, f).astype(np.float32))[None, None]
+        masked01 = (1 - m) * img01
+        # the VQ encoder is the first stage (float32 after an overflowing half-precision decode)
+        masked = (masked01 * 2.0 - 1.0).to(self.device, self.model.first_stage_dtype)
+        c = self.model.get_learned_conditioning(masked)                            # [1, C, h, w]
+        mask_pm1 = (m * 2.0 - 1.0).to(self.device, c.dtype)
+        cc = F.interpolate(mask_pm1, size=c.shape[-2:])                             # nearest
+        cond = torch.cat([c, cc], dim=1)
+        generators = generators_for([seed])
+        shape = (cond.shape[1] - 1, *cond.shape[2:])
+        z = self._sample(sampler, steps, shape, {"c_concat": [cond]}, None, 1.0, eta, generators)
+        x = self.decode(z)[..., :height, :width]
+        records = self._records("ldm-inpaint", [""], [""], [seed], sampler, steps, 1.0, eta, width, height)
+        return self._finish(x, records, keep=(np.asarray(image)[:height, :width], ~repaint))
+
+    # -- decoding ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode latents to float32 images ``[B, 3, H, W]`` in about ``[-1, 1]``.
+
+        A half-precision decoder can overflow (NaN, or an all-black image): then the decode is
+        redone in float32 and the decoder stays in float32 for the rest of the run.
+
+        :raises GenerationError: when even the float32 decode is not finite (the sampler itself
+            produced NaN latents).
+        """
+        x = self._decode_batch(z)
+        bad = _bad_decodes(x)
+        if bad and self.model.first_stage_dtype != torch.float32:
+            what = ", ".join(f"{i} ({why})" for i, why in bad)
+            log.warning("the %s decoder overflowed on image(s) %s of this batch; decoding again in float32 "
+                        "(the decoder stays in float32 from now on)", str(self.model.first_stage_dtype)
+                        .replace("torch.", ""), what)
+            self.model.first_stage_model.to(torch.float32)
+            x = self._decode_batch(z.float())
+        if not torch.isfinite(x).all():
+            raise GenerationError("sampling produced NaN/inf latents (numeric overflow); run again with "
+                                  "--precision fp32 (or bf16)")
+        return x.float()
+
+    def _decode_batch(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.exact_batches:
+            return self.model.decode_first_stage(z)
+        return torch.cat([self.model.decode_first_stage(z[k:k + 1]) for k in range(z.shape[0])])
+
+    # -- internals --------------------------------------------------------------------------------
+    def _require(self, method: str) -> None:
+        """:raises UserInputError: when the model's family cannot run ``method``, naming what can."""
+        from ldm.families import METHODS
+
+        family = self.spec.family
+        if method in family.methods:
+            return
+        if family.unsupported:
+            raise UserInputError(f"{method}() cannot run this model: {family.unsupported}")
+        can = " or ".join(f"{m}() ({METHODS[m][1]})" for m in family.methods) or "load a matching model"
+        raise UserInputError(f"{method}() cannot run {family.title}; use {can}")
+
+    def _settings(self, method: str, steps: Optional[int], sampler: Optional[str], scale: Optional[float]):
+        """``(steps, sampler, scale)`` with the family's defaults where None; the step count is
+        checked against the sampler's schedule."""
+        from ldm.models.diffusion.registry import check_steps, sampler_info
+
+        family = self.spec.family
+        steps = family.steps if steps is None else int(steps)
+        sampler = sampler_info(sampler or family.sampler).name
+        check_steps(sampler, steps)
+        return steps, sampler, family.default_scale(method) if scale is None else float(scale)
+
+    def _records(self, mode, prompts, negatives, seeds, sampler, steps, scale, eta, width, height, strength=None):
+        from ldm.models.diffusion.registry import resolve_eta
+
+        eta_used = resolve_eta(sampler, eta)
+        return [ImageRecord(mode, p, neg, s, sampler, int(steps), float(scale), int(width), int(height),
+                            eta=eta_used, strength=strength, model_name=self.model_name, model_hash=self.model_hash,
+                            watermark_text=self.spec.family.watermark)
+                for p, neg, s in zip(prompts, negatives, seeds)]
+
+    def _warn_truncated(self, texts: Sequence[str]) -> None:
+        tokenize = getattr(self.model.cond_stage_model, "tokenize", None)
+        new = [t for t in dict.fromkeys(texts) if t not in self._warned_prompts]
+        if not callable(tokenize) or not new:
+            return
+        self._warned_prompts.update(new)
+        dropped = getattr(tokenize(list(new)), "dropped", None) or []
+        limit = getattr(self.model.cond_stage_model, "max_length", 77)
+        for text, cut in zip(new, dropped):
+            if cut:
+                log.warning("prompt longer than %d tokens, these words are ignored: %r (prompt: %r)", limit, cut,
+                            text if len(text) <= 80 else text[:77] + "...")
+
+    def _text_conditioning(self, prompts: Sequence[str], negatives: Sequence[str], scale: float):
+        """``c`` for the prompts and, when ``scale != 1``, ``uc`` for the negative prompts ("")."""
+        self._warn_truncated(list(prompts) + [n for n in negatives if n])
+        c = self.model.get_learned_conditioning(list(prompts))
+        uc = None
+        if scale != 1.0:
+            uc = self.model.get_learned_conditioning(list(negatives))
+        elif any(negatives):
+            log.warning("the negative prompt has no effect with guidance scale 1")
+        return c, uc
+
+    def _sample(self, sampler: str, steps: int, shape, cond, uncond, scale, eta, generators, *, x0=None, mask=None,
+                start_step: int = 0) -> torch.Tensor:
+        from ldm.models.diffusion.registry import make_sampler
+
+        multiple = self.spec.geometry.unet_multiple
+        if shape[1] % multiple or shape[2] % multiple:
+            log.info("latent size %dx%d is not a multiple of %d: padded inside each UNet call", shape[2], shape[1],
+                     multiple)
+        else:
+            multiple = 1
+        engine = make_sampler(sampler, PaddedPerImageModel(self.model, multiple,
+                                                           len(generators) if self.exact_batches else None))
+        with self.model.ema_scope():
+            z, _ = engine.sample(S=int(steps), batch_size=len(generators), shape=tuple(shape), conditioning=cond,
+                                 unconditional_guidance_scale=scale, unconditional_conditioning=uncond, eta=eta,
+                                 x0=x0, mask=mask, start_step=start_step, generator=generators,
+                                 verbose=self.progress)
+        return z
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """``[1, 3, H, W]`` in [-1, 1] on the model's device, sides padded to multiples of the factor."""
+        from ldm.image_io import image_to_tensor
+
+        padded = Image.fromarray(pad_image(np.asarray(image), self.factor))
+        return image_to_tensor(padded).to(self.device)
+
+    def _encode(self, image: Image.Image, generators) -> torch.Tensor:
+        """Latents ``[B, C, h, w]`` of one image, a posterior sample per generator (the reference
+        encoded the image repeated B times; the posterior is the same for each copy)."""
+        posterior = self.model.encode_first_stage(self._pixels(image))
+        return torch.cat([self.model.get_first_stage_encoding(posterior, generator=[g]) for g in generators])
+
+    def _inpaint_inputs(self, image: Image.Image, mask):
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        repaint = binary_mask(mask)
+        if repaint.shape != (image.height, image.width):
+            raise UserInputError(f"the mask is {repaint.shape[1]}x{repaint.shape[0]} but the image is "
+                                 f"{image.width}x{image.height}; give a mask of the same size")
+        if not repaint.any():
+            log.warning("the mask has no white pixels: nothing to repaint, the image comes back unchanged")
+        return image, repaint, image.width, image.height
+
+    def _finish(self, x: torch.Tensor, records: list, keep=None) -> GenerationResult:
+        return make_result(x, records, self.safety_checker, self.safety_status, keep)
+
+
+def _bad_decodes(x: torch.Tensor) -> list:
+    """``[(index, reason)]`` of decoded images that are not finite or entirely black."""
+    bad = []
+    for i, image in enumerate(x):
+        if not torch.isfinite(image).all():
+            bad.append((i, "NaN/inf"))
+        elif bool((image <= -1.0).all()):
+            bad.append((i, "all black"))
+    return bad
+
+
+def load_safety_checker(folder: PathLike, device: Union[str, torch.device, None] = None):
+    """:func:`SafetyChecker.from_folder` with its errors as one-line :class:`UserInputError`."""
+    from ldm.safety_checker import SafetyChecker
+
+    try:
+        return SafetyChecker.from_folder(folder, device=device)
+    except FileNotFoundError as exc:
+        raise UserInputError(str(exc)) from None
+    except ValueError as exc:
+        raise UserInputError(f"safety checker in {folder}: {exc}") from None
+
