@@ -88,3 +88,16 @@ def test_a_method_the_family_cannot_run_names_the_one_that_can():
     ldm = StableDiffusion(instantiate_from_config(load_config(TINY_LDM_CONFIG).model).eval(), progress=False)
     with pytest.raises(UserInputError, match=r"inpaint_ldm\(\) \(scripts/inpaint.py --indir\)"):
         ldm.img2img("x", None)
+
+
+def test_sampler_settings_are_checked_before_any_model_call():
+    sd = StableDiffusion(random_model(TINY_CONFIG), progress=False)
+    calls = []
+    sd.model.apply_model = lambda *a, **k: calls.append(1)
+    with pytest.raises(UserInputError, match="plms is deterministic"):
+        sd.txt2img("x", 1, sampler="plms", eta=0.5, steps=2)
+    with pytest.raises(UserInputError, match="3 steps"):
+        sd.txt2img("x", 1, sampler="ddim", steps=3)
+    with pytest.raises(UserInputError, match="unknown sampler"):
+        sd.txt2img("x", 1, sampler="nope", steps=2)
+    assert calls == []

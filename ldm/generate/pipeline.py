@@ -148,8 +148,9 @@ class StableDiffusion:
         :returns: :class:`GenerationResult` with ``width x height`` RGB images.
         """
         self._require("txt2img")
-        steps, sampler, scale = self._settings("txt2img", steps, sampler, scale)
-        width, height = width or self.spec.width, height or self.spec.height
+        steps, sampler, scale, eta = self._settings("txt2img", steps, sampler, scale, eta)
+        width = self.spec.width if width is None else width
+        height = self.spec.height if height is None else height
         prompts, seeds = expand_prompts(prompts, seeds, n)
         negatives = as_list(negative_prompt, len(prompts), "negative prompt")
         self.check_size(width, height)
@@ -175,7 +176,7 @@ class StableDiffusion:
         Other parameters as :meth:`txt2img`.
         """
         self._require("img2img")
-        steps, sampler, scale = self._settings("img2img", steps, sampler, scale)
+        steps, sampler, scale, eta = self._settings("img2img", steps, sampler, scale, eta)
         check_strength(strength)
         prompts, seeds = expand_prompts(prompts, seeds, n)
         negatives = as_list(negative_prompt, len(prompts), "negative prompt")
@@ -218,7 +219,7 @@ class StableDiffusion:
         Other parameters as :meth:`txt2img`.
         """
         self._require("inpaint")
-        steps, sampler, scale = self._settings("inpaint", steps, sampler, scale)
+        steps, sampler, scale, eta = self._settings("inpaint", steps, sampler, scale, eta)
         prompts, seeds = expand_prompts(prompts, seeds, n)
         negatives = as_list(negative_prompt, len(prompts), "negative prompt")
         image, repaint, width, height = self._inpaint_inputs(image, mask)
@@ -254,7 +255,7 @@ class StableDiffusion:
         ``image`` (the reference's ``(1 - m)·image + m·pred``, exact in 8 bits).
         """
         self._require("inpaint_ldm")
-        steps, sampler, _ = self._settings("inpaint_ldm", steps, sampler, 1.0)
+        steps, sampler, _, eta = self._settings("inpaint_ldm", steps, sampler, 1.0, eta)
         image, repaint, width, height = self._inpaint_inputs(image, mask)
         f = self.factor
         img01 = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0)[None].permute(0, 3, 1, 2)
@@ -316,23 +317,23 @@ class StableDiffusion:
         can = " or ".join(f"{m}() ({METHODS[m][1]})" for m in family.methods) or "load a matching model"
         raise UserInputError(f"{method}() cannot run {family.title}; use {can}")
 
-    def _settings(self, method: str, steps: Optional[int], sampler: Optional[str], scale: Optional[float]):
-        """``(steps, sampler, scale)`` with the family's defaults where None; the step count is
-        checked against the sampler's schedule."""
-        from ldm.models.diffusion.registry import check_steps, sampler_info
+    def _settings(self, method: str, steps: Optional[int], sampler: Optional[str], scale: Optional[float],
+                  eta: Optional[float]):
+        """``(steps, sampler, scale, eta)`` with the family's defaults where None and the eta the
+        sampler runs with (:func:`~ldm.models.diffusion.registry.resolve_eta`); checked before any
+        work, the step count against the sampler's schedule."""
+        from ldm.models.diffusion.registry import check_steps, resolve_eta, sampler_info
 
         family = self.spec.family
         steps = family.steps if steps is None else int(steps)
         sampler = sampler_info(sampler or family.sampler).name
         check_steps(sampler, steps)
-        return steps, sampler, family.default_scale(method) if scale is None else float(scale)
+        scale = family.default_scale(method) if scale is None else float(scale)
+        return steps, sampler, scale, resolve_eta(sampler, eta)
 
     def _records(self, mode, prompts, negatives, seeds, sampler, steps, scale, eta, width, height, strength=None):
-        from ldm.models.diffusion.registry import resolve_eta
-
-        eta_used = resolve_eta(sampler, eta)
         return [ImageRecord(mode, p, neg, s, sampler, int(steps), float(scale), int(width), int(height),
-                            eta=eta_used, strength=strength, model_name=self.model_name, model_hash=self.model_hash,
+                            eta=eta, strength=strength, model_name=self.model_name, model_hash=self.model_hash,
                             watermark_text=self.spec.family.watermark)
                 for p, neg, s in zip(prompts, negatives, seeds)]
 
