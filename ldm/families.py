@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 from ldm.util import config_get
 
 __all__ = ["ModelFacts", "Family", "FAMILIES", "METHODS", "family_of", "get_family", "facts_from_config",
-           "facts_from_model"]
+           "facts_from_model", "facts_from_state_dict"]
 
 #: Pipeline method -> (what it is called in messages, the script that runs it).
 METHODS = {
@@ -68,6 +68,7 @@ class Family:
     :ivar size: default ``(height, width)`` in pixels (a config's ``demo:`` section may override).
     :ivar sampler, steps: defaults of every script and method.
     :ivar scale: default guidance scale per method (the reference scripts' defaults).
+    :ivar strength: default img2img strength.
     :ivar watermark: text of the invisible watermark written into its images.
     :ivar safety_checker: whether its images go through the safety checker by default.
     :ivar config, checkpoint: where the original scripts expected its config and checkpoint.
@@ -85,6 +86,7 @@ class Family:
     steps: int = 50
     scale: Mapping[str, float] = field(default_factory=lambda: {"txt2img": 7.5, "img2img": 5.0, "inpaint": 7.5,
                                                                 "inpaint_ldm": 1.0})
+    strength: float = 0.75
     watermark: str = "StableDiffusionV1"
     safety_checker: bool = True
     config: Optional[str] = None
@@ -114,12 +116,24 @@ def _is_text_to_image(f: ModelFacts) -> bool:
     return bool(f.cond_stage) and f.unet_in_channels == f.latent_channels
 
 
+def _is_open_clip(f: ModelFacts) -> bool:
+    return f.cond_stage.endswith("FrozenOpenCLIPEmbedder")
+
+
+#: The SD 2 scripts' defaults: guidance 9 everywhere, img2img strength 0.8, the "SDV2" watermark.
+_SD2 = dict(scale={"txt2img": 9.0, "img2img": 9.0, "inpaint": 9.0}, strength=0.8, watermark="SDV2")
+
+
 #: Every family, most specific first: :func:`family_of` returns the first that recognises a model.
 FAMILIES: tuple = (
     Family("ldm-inpainting", "the LDM inpainting model (inpainting_big)", "ldm-inpaint",
            lambda f: f.cond_stage == "__is_first_stage__", conditioning=("mask", "masked image"),
            methods=("inpaint_ldm",), size=(256, 256), config="models/ldm/inpainting_big/config.yaml",
            checkpoint="models/ldm/inpainting_big/last.ckpt"),
+    Family("sd-v2-inpainting", "an SD 2 inpainting model", "sd-inpaint",
+           lambda f: _is_sd_inpainting(f) and _is_open_clip(f), conditioning=("text", "mask", "masked-image latent"),
+           methods=("inpaint",), config="configs/stable-diffusion/v2-inpainting-inference.yaml",
+           checkpoint="512-inpainting-ema.ckpt", **_SD2),
     Family("sd-v1-inpainting", "an SD inpainting model", "sd-inpaint", _is_sd_inpainting,
            conditioning=("text", "mask", "masked-image latent"), methods=("inpaint",),
            config="configs/stable-diffusion/v1-inpainting-inference.yaml", checkpoint="sd-v1-5-inpainting.ckpt"),
@@ -128,6 +142,14 @@ FAMILIES: tuple = (
            config="configs/latent-diffusion/txt2img-1p4B-eval.yaml", checkpoint="models/ldm/text2img-large/model.ckpt",
            unsupported="it uses the BERT text encoder of the LDM 1p4B model, which this package cannot run yet; "
                        "use a Stable Diffusion config and checkpoint"),
+    Family("sd-v2-v", "a Stable Diffusion 2 768-v text-to-image model (v-prediction)", "txt2img",
+           lambda f: _is_text_to_image(f) and _is_open_clip(f) and f.parameterization == "v", conditioning=("text",),
+           methods=("txt2img", "img2img", "inpaint"), size=(768, 768),
+           config="configs/stable-diffusion/v2-inference-v.yaml", checkpoint="v2-1_768-ema-pruned.ckpt", **_SD2),
+    Family("sd-v2", "a Stable Diffusion 2 512-base text-to-image model", "txt2img",
+           lambda f: _is_text_to_image(f) and _is_open_clip(f), conditioning=("text",),
+           methods=("txt2img", "img2img", "inpaint"), config="configs/stable-diffusion/v2-inference.yaml",
+           checkpoint="v2-1_512-ema-pruned.ckpt", **_SD2),
     Family("sd-v1", "a Stable Diffusion v1 text-to-image model", "txt2img", _is_text_to_image, conditioning=("text",),
            methods=("txt2img", "img2img", "inpaint"), config="configs/stable-diffusion/v1-inference.yaml",
            checkpoint="models/ldm/stable-diffusion-v1/model.ckpt"),
@@ -180,3 +202,26 @@ def facts_from_model(model) -> ModelFacts:
     return ModelFacts(target=path(model), cond_stage=cond_stage, conditioning_key=unet.conditioning_key,
                       latent_channels=latent, unet_in_channels=int(unet.diffusion_model.in_channels),
                       parameterization=str(getattr(model, "parameterization", "eps")))
+
+
+#: Key prefixes that tell a checkpoint's conditioning encoder (what ``facts_from_state_dict`` reads).
+_COND_STAGE_KEYS = (
+    ("cond_stage_model.model.transformer.resblocks.", "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"),
+    ("cond_stage_model.transformer.text_model.", "ldm.modules.encoders.modules.FrozenCLIPEmbedder"),
+    ("cond_stage_model.transformer.attn_layers.", "ldm.modules.encoders.modules.BERTEmbedder"),
+    ("cond_stage_model.encoder.", "__is_first_stage__"),
+)
+
+
+def facts_from_state_dict(shapes: Mapping[str, Any]) -> Optional[ModelFacts]:
+    """:class:`ModelFacts` of a checkpoint, from its key names and shapes alone (``{key: shape}``);
+    None when it holds no diffusion UNet. What keys cannot tell (v- or eps-prediction: the 512-base
+    and 768-v SD 2 files have the same keys) is left at the common choice (eps)."""
+    unet = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    post_quant = shapes.get("first_stage_model.post_quant_conv.weight")
+    if unet is None or post_quant is None:
+        return None
+    cond = next((target for prefix, target in _COND_STAGE_KEYS if any(k.startswith(prefix) for k in shapes)), "")
+    latent, unet_in = int(post_quant[1]), int(unet[1])
+    return ModelFacts(target="", cond_stage=cond, conditioning_key="hybrid" if unet_in == 2 * latent + 1 else None,
+                      latent_channels=latent, unet_in_channels=unet_in)

@@ -32,10 +32,10 @@ def build_parser():
     parser.add_argument("--init-img", dest="init_img", type=str, nargs="?", default=None,
                         help="path to the input image")
     cli.add_output_args(parser, "outputs/img2img-samples")
-    cli.add_sampling_args(parser, "img2img", n_samples=2, n_iter=1)
-    parser.add_argument("--strength", type=float, default=0.75,
+    cli.add_sampling_args(parser, "img2img", steps_flags=("--ddim_steps", "--steps"), n_samples=2, n_iter=1)
+    parser.add_argument("--strength", type=float, default=None,
                         help="how much of the init image is replaced, in [0, 1]: 1.0 destroys all of its "
-                             "information")
+                             "information (default: the model family's, 0.75 for SD v1, 0.8 for SD 2)")
     parser.add_argument("--keep_size", action="store_true",
                         help=f"round the init image's size down to a multiple of 8 instead of {RESIZE_MULTIPLE}")
     cli.add_size_args(parser, default=None, help_extra=" to resize the init image to (a multiple of 8; "
@@ -66,8 +66,11 @@ def run(opt) -> None:
         raise cli.UserInputError("no init image given; pass --init-img PATH")
     from ldm.generate.inputs import check_strength
 
-    check_strength(opt.strength, "--strength")
+    if opt.strength is not None:
+        check_strength(opt.strength, "--strength")
     plan = cli.plan_run(opt, "img2img")
+    if opt.strength is None:
+        opt.strength = plan.spec.family.strength
     if opt.strength > 0:
         from ldm.models.diffusion.sampling import start_step_for_strength
 

@@ -29,7 +29,7 @@ def build_parser():
     parser = cli.make_parser(__doc__)
     cli.add_prompt_args(parser)
     cli.add_output_args(parser, "outputs/txt2img-samples")
-    cli.add_sampling_args(parser, "txt2img", n_samples=3, n_iter=2)
+    cli.add_sampling_args(parser, "txt2img", steps_flags=("--ddim_steps", "--steps"), n_samples=3, n_iter=2)
     parser.add_argument("--laion400m", action="store_true",
                         help=f"use the LAION-400M LDM model ({cli.LAION_CONFIG}, {cli.LAION_CKPT})")
     cli.add_size_args(parser, default=None, help_extra=" (default: the model's, 512 for SD v1; a config's "

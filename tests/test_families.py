@@ -101,3 +101,18 @@ def test_sampler_settings_are_checked_before_any_model_call():
     with pytest.raises(UserInputError, match="unknown sampler"):
         sd.txt2img("x", 1, sampler="nope", steps=2)
     assert calls == []
+
+
+def test_a_checkpoint_of_another_family_names_the_config_that_fits_it(spec_dir):
+    """An SD 2 file with an SD v1 config: the key mismatch error says what the file is and which config to pass."""
+    from ldm.checkpoint import CheckpointError, read_checkpoint
+    from ldm.families import facts_from_state_dict
+
+    v2 = spec_dir / "fixtures" / "sd-v2-v-tiny-random.ckpt"
+    shapes = {k: tuple(v.shape) for k, v in read_checkpoint(v2).state_dict.items()}
+    assert family_of(facts_from_state_dict(shapes)).name == "sd-v2"  # v or eps cannot be told from keys
+    with pytest.raises(CheckpointError, match=r"does not match the model config.*Stable Diffusion 2.*v2-inference"):
+        StableDiffusion.from_files(TINY_CONFIG, v2, device="cpu", precision="fp32", hash_checkpoint=False)
+    v1 = spec_dir / "fixtures" / "sd-v1-tiny-random.ckpt"
+    with pytest.raises(CheckpointError, match=r"wrong shape.*Stable Diffusion v1 text-to-image.*v1-inference.yaml"):
+        StableDiffusion.from_files(TINY_INPAINT_CONFIG, v1, device="cpu", precision="fp32", hash_checkpoint=False)

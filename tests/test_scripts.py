@@ -91,7 +91,7 @@ def watermark_bits_correct(path: Path) -> int:
 COMMON_FLAGS = ["--prompt", "--negative_prompt", "--outdir", "--skip_grid", "--skip_save", "--sampler", "--plms",
                 "--dpm_solver", "--ddim_eta", "--fixed_code", "--n_iter", "--n_samples", "--n_rows", "--scale",
                 "--from-file", "--seed", "--config", "--ckpt", "--use_ema", "--device", "--precision",
-                "--safety_checker", "--no_safety_check", "--fast_batch"]
+                "--safety_checker", "--no_safety_check", "--fast_batch", "--repeat", "--bf16", "--torchscript", "--ipex"]
 FLAGS = {
     "txt2img.py": COMMON_FLAGS + ["--ddim_steps", "--laion400m", "--H", "--W", "--C", "--f"],
     "img2img.py": COMMON_FLAGS + ["--ddim_steps", "--init-img", "--strength", "--keep_size", "--H", "--W", "--C",
@@ -296,6 +296,10 @@ BAD = [
     ("txt2img.py", ["--laion400m"], ["txt2img-1p4B-eval.yaml", "models/ldm/text2img-large/model.ckpt"]),
     ("txt2img.py", ["--config", "{d}/missing.yaml"], ["missing.yaml", "not found"]),
     ("txt2img.py", ["--config", str(TINY_INPAINT_CONFIG)], ["inpaint"]),
+    ("txt2img.py", ["--torchscript"], ["--torchscript", "not supported"]),
+    ("txt2img.py", ["--ipex"], ["--ipex", "not supported"]),
+    ("txt2img.py", ["--bf16", "--precision", "fp32"], ["--bf16", "conflicts"]),
+    ("txt2img.py", ["--repeat", "0"], ["--repeat must be at least 1"]),
     ("img2img.py", ["--init-img", "{d}/image.png", "--strength", "1.5"], ["--strength 1.5", "[0, 1]"]),
     ("img2img.py", ["--init-img", "{d}/image.png", "--strength", "-0.5"], ["--strength -0.5", "[0, 1]"]),
     ("img2img.py", ["--init-img", "{d}/nothere.png"], ["nothere.png", "not found"]),
@@ -333,3 +337,18 @@ def test_checkpoint_that_does_not_match_the_config(tmp_path, tiny_ckpt, inputs, 
 def test_bad_input_in_a_real_process(tmp_path, inputs):
     proc = run_script("img2img.py", "--init-img", inputs / "image.png", "--strength", "2", cwd=tmp_path)
     assert_one_line_error(proc.returncode, proc.stderr, "--strength 2.0", "[0, 1]")
+
+
+def test_the_sd2_scripts_flags_steps_dpm_repeat(tmp_path, tiny_ckpt, capsys):
+    """--steps (alias of --ddim_steps), --dpm (of --dpm_solver) and --repeat as the SD 2 scripts had them."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "out"
+    code = load_main("txt2img.py")(["--from-file", str(prompts), "--repeat", "2", "--n_samples", "4", "--n_iter", "1",
+                                    "--steps", "2", "--dpm", "--H", "64", "--W", "64", "--config", str(TINY_CONFIG),
+                                    "--ckpt", str(tiny_ckpt), "--outdir", str(out), "--no_safety_check",
+                                    "--device", "cpu", "--skip_grid"])
+    assert code == 0, capsys.readouterr().err
+    meta = [params(p) for p in sorted((out / "samples").iterdir())]
+    assert [m["Prompt"] for m in meta] == ["a red cube", "a red cube", "a blue ball", "a blue ball"]
+    assert {(m["Steps"], m["Sampler"]) for m in meta} == {("2", "DPM-Solver++ 2M (time uniform)")}

@@ -104,3 +104,15 @@ def test_import_is_light():
     code = "import sys, ldm.watermark; print(sorted({'cv2', 'imwatermark', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cli_reads_the_sd2_watermark_and_a_family_writes_its_own(tmp_path, capsys):
+    from ldm.families import get_family
+
+    text = get_family("sd-v2").watermark
+    assert (text, get_family("sd-v1").watermark) == ("SDV2", WATERMARK_TEXT)
+    marked, ok = add_watermark(natural_image(512, seed=3), text)
+    assert ok and read_watermark(marked, 32) == "SDV2"
+    marked.save(tmp_path / "v2.png")
+    assert _cli().main([str(tmp_path / "v2.png")]) == 0
+    assert capsys.readouterr().out.strip() == "SDV2"

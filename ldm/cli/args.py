@@ -58,6 +58,9 @@ def add_prompt_args(parser: argparse.ArgumentParser, default: Optional[str] = DE
         parser.add_argument("--from-file", dest="from_file", type=str, default=None,
                             help="read prompts from this file, one per line (blank lines skipped; '-' reads "
                                  "stdin); each prompt gives one image per iteration, --n_samples at a time")
+        parser.add_argument("--repeat", type=int, default=1,
+                            help="with --from-file: use each prompt of the file this many times in a row (as the "
+                                 "SD 2 scripts)")
 
 
 def add_output_args(parser: argparse.ArgumentParser, outdir: str) -> None:
@@ -80,11 +83,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, method: str, *,
     parser.set_defaults(steps_flag=steps_flags[0])
     parser.add_argument("--sampler", choices=tuple(SAMPLER_DESCRIPTIONS), default=None,
                         help=f"sampling method (default: the model family's, {sd.sampler} for SD v1; --plms and "
-                             "--dpm_solver are aliases): "
+                             "--dpm_solver (--dpm) are aliases): "
                              + "; ".join(f"{k}: {v}" for k, v in SAMPLER_DESCRIPTIONS.items()))
     parser.add_argument("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
-    parser.add_argument("--dpm_solver", action="store_true",
-                        help="use DPM-Solver sampling (same as --sampler dpm_solver)")
+    parser.add_argument("--dpm_solver", "--dpm", dest="dpm_solver", action="store_true",
+                        help="use DPM-Solver sampling (same as --sampler dpm_solver; --dpm is the SD 2 scripts' name)")
     parser.add_argument("--ddim_eta", type=float, default=0.0,
                         help="DDIM eta (0 is deterministic); with --sampler euler_a its noise amount "
                              "(0 there means the default, 1)")
@@ -126,6 +129,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, config: Optional[str] = S
                         help="auto (default): fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; "
                              "fp32/full: float32 everywhere; autocast: fp16 on CUDA, fp32 elsewhere (the "
                              "original's choice); fp16; bf16")
+    parser.add_argument("--bf16", action="store_true", help="the SD 2 scripts' flag: same as --precision bf16")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="the SD 2 scripts' TorchScript tracing: not supported here (the error says what to use)")
+    parser.add_argument("--ipex", action="store_true",
+                        help="the SD 2 scripts' Intel Extension for PyTorch: not supported here (the error says what "
+                             "to use)")
 
 
 def add_safety_args(parser: argparse.ArgumentParser) -> None:

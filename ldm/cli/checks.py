@@ -16,7 +16,7 @@ from ldm.families import METHODS
 
 __all__ = ["resolve_sampler", "sampler_eta", "check_positive", "check_batch_args", "read_prompts", "check_outdir",
            "check_checkpoint", "check_laion400m", "check_model", "check_geometry", "apply_family_defaults",
-           "default_size", "safety_plan", "RunPlan", "plan_run", "check_watermark_available"]
+           "default_size", "safety_plan", "RunPlan", "plan_run", "check_sd2_flags", "check_watermark_available"]
 
 log = logging.getLogger("ldm.scripts")
 
@@ -58,6 +58,8 @@ def check_batch_args(opt: argparse.Namespace, sampler: str) -> None:
     check_positive(**{opt.steps_flag.lstrip("-"): opt.steps}, n_samples=opt.n_samples, n_iter=opt.n_iter)
     if opt.n_rows < 0:
         raise UserInputError(f"--n_rows must be 0 (= n_samples) or more, got {opt.n_rows}")
+    if getattr(opt, "repeat", 1) < 1:
+        raise UserInputError(f"--repeat must be at least 1, got {opt.repeat}")
     from ldm.models.diffusion.registry import check_steps
 
     check_steps(sampler, opt.steps)  # e.g. 3 DDIM steps would reach timestep 1000
@@ -93,7 +95,7 @@ def read_prompts(opt: argparse.Namespace) -> list:
         raise UserInputError(f"prompt file {source} has no prompts (empty or only blank lines); "
                              "put one prompt per line")
     log.info("read %d prompt(s) from %s", len(prompts), source)
-    return prompts
+    return [p for p in prompts for _ in range(getattr(opt, "repeat", 1))]
 
 
 def check_outdir(path: str) -> Path:
@@ -243,6 +245,7 @@ def plan_run(opt: argparse.Namespace, method: str, expected_ckpt: str = SD_CKPT,
     (each resolved once, here)."""
     from ldm.devices import resolve_placement
 
+    check_sd2_flags(opt)
     config, spec = check_model(opt.config, opt.ckpt, method, expected_ckpt)
     sampler = apply_family_defaults(opt, spec, method)
     if fill_size:
@@ -255,6 +258,19 @@ def plan_run(opt: argparse.Namespace, method: str, expected_ckpt: str = SD_CKPT,
     checker_folder, safety_status = safety_plan(opt, spec)
     device, dtype = resolve_placement(opt.device, opt.precision)
     return RunPlan(config, spec, sampler, eta, outdir, device, dtype, checker_folder, safety_status)
+
+
+def check_sd2_flags(opt: argparse.Namespace) -> None:
+    """The SD 2 scripts' ``--bf16`` (= ``--precision bf16``), ``--torchscript`` and ``--ipex``."""
+    if opt.torchscript or opt.ipex:
+        flag = "--torchscript" if opt.torchscript else "--ipex"
+        raise UserInputError(f"{flag} is not supported: this toolkit runs its own CPU fast paths instead (oneDNN "
+                             "convolutions, linear layers and attention, on by default) and bf16 with --precision "
+                             f"bf16; drop {flag}")
+    if opt.bf16:
+        if opt.precision not in ("auto", "bf16"):
+            raise UserInputError(f"--bf16 conflicts with --precision {opt.precision}; pass only one of them")
+        opt.precision = "bf16"
 
 
 def check_watermark_available() -> None:

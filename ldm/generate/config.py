@@ -134,3 +134,28 @@ def check_image_size(factor: int, width: Optional[int], height: Optional[int],
         fix = max(factor, value - value % factor)
         raise UserInputError(f"{name} {value} is not a multiple of {factor}; use {name} {fix} or another multiple "
                              f"of {factor} (image sides must be multiples of {factor} for this model)")
+
+
+def checkpoint_family_hint(ckpt: PathLike, spec: ModelSpec) -> str:
+    """For a checkpoint that did not load with its config: which family the file looks like (from
+    its keys and shapes, :func:`ldm.families.facts_from_state_dict`) and the config that fits it;
+    ``""`` when that is the config's own family or cannot be told. The SD 2 512-base and 768-v
+    files have the same keys, so they are named together."""
+    from ldm.checkpoint import CheckpointError, read_checkpoint
+    from ldm.families import facts_from_state_dict
+
+    try:
+        state_dict = read_checkpoint(ckpt).state_dict
+    except CheckpointError:
+        return ""
+    facts = facts_from_state_dict({k: tuple(v.shape) for k, v in state_dict.items()})
+    if facts is None:
+        return ""
+    found = family_of(facts)
+    same = {found.name, spec.family.name} <= {"sd-v2", "sd-v2-v"} or found.name == spec.family.name
+    if same or found.name == "unknown":
+        return ""
+    if found.name == "sd-v2":
+        return (f"the checkpoint is a Stable Diffusion 2 text-to-image model: pass --config {found.config} "
+                "(configs/stable-diffusion/v2-inference-v.yaml for the 768-v files)")
+    return f"the checkpoint is {found.title}: pass --config {found.config}"

@@ -21,7 +21,8 @@ from PIL import Image
 
 from ldm.errors import UserInputError
 from ldm.generate.batching import PaddedPerImageModel
-from ldm.generate.config import ModelSpec, check_image_size, describe_config, describe_model, load_config
+from ldm.generate.config import (ModelSpec, check_image_size, checkpoint_family_hint, describe_config, describe_model,
+                                 load_config)
 from ldm.generate.inputs import as_list, binary_mask, check_strength, expand_prompts, generators_for, pad_image
 from ldm.generate.records import SAFETY_OFF, GenerationError, GenerationResult, ImageRecord, make_result
 
@@ -82,7 +83,7 @@ class StableDiffusion:
         :param exact_batches, progress: see the class.
         :raises UserInputError / CheckpointError: one-line messages.
         """
-        from ldm.checkpoint import load_model_from_config
+        from ldm.checkpoint import CheckpointError, load_model_from_config
         from ldm.devices import resolve_placement
 
         if not isinstance(config, Mapping) and not hasattr(config, "get"):
@@ -91,15 +92,25 @@ class StableDiffusion:
         checker = safety_checker
         if isinstance(checker, (str, os.PathLike)):
             checker = load_safety_checker(checker, dev)
+        spec = describe_config(config)
+        if spec.family.name == "sd-v2" and "768" in Path(ckpt).name:
+            log.warning("%s looks like the 768-v SD 2 model by its name, but the config is the 512-base (eps) one; "
+                        "pass --config configs/stable-diffusion/v2-inference-v.yaml if it is", Path(ckpt).name)
         log.info("loading model from %s (%s, %s)", ckpt, dev, str(dtype).replace("torch.", ""))
-        model = load_model_from_config(config, ckpt, device=dev, dtype=dtype, use_ema=use_ema)
+        try:
+            model = load_model_from_config(config, ckpt, device=dev, dtype=dtype, use_ema=use_ema)
+        except CheckpointError as exc:
+            hint = checkpoint_family_hint(ckpt, spec) if "does not match the model config" in str(exc) else ""
+            if not hint:
+                raise
+            raise CheckpointError(f"{exc}. {hint[0].upper()}{hint[1:]}") from None
         digest = None
         if hash_checkpoint:
             from ldm.metadata import model_hash
 
             log.info("computing the model hash of %s for the metadata", ckpt)
             digest = model_hash(ckpt)
-        return cls(model, spec=describe_config(config), model_name=Path(ckpt).stem, model_hash=digest,
+        return cls(model, spec=spec, model_name=Path(ckpt).stem, model_hash=digest,
                    safety_checker=checker, safety_status=safety_status, progress=progress,
                    exact_batches=exact_batches)
 
@@ -163,7 +174,7 @@ class StableDiffusion:
 
     @torch.no_grad()
     def img2img(self, prompts: Union[str, Sequence[str]], init_image: Image.Image,
-                seeds: Union[int, Sequence[int]] = 42, *, n: Optional[int] = None, strength: float = 0.75,
+                seeds: Union[int, Sequence[int]] = 42, *, n: Optional[int] = None, strength: Optional[float] = None,
                 negative_prompt: Union[str, Sequence[str]] = "", steps: Optional[int] = None,
                 sampler: Optional[str] = None, scale: Optional[float] = None,
                 eta: Optional[float] = None) -> GenerationResult:
@@ -172,11 +183,13 @@ class StableDiffusion:
 
         :param init_image: RGB PIL image whose sides are multiples of the autoencoder factor
             (8 for SD; see :func:`ldm.image_io.resize_to_multiple`).
-        :param strength: in ``[0, 1]``; 1 ignores the image's content, 0 returns it re-encoded.
+        :param strength: in ``[0, 1]``; 1 ignores the image's content, 0 returns it re-encoded
+            (default: the family's, 0.75 for SD v1, 0.8 for SD 2).
         Other parameters as :meth:`txt2img`.
         """
         self._require("img2img")
         steps, sampler, scale, eta = self._settings("img2img", steps, sampler, scale, eta)
+        strength = self.spec.family.strength if strength is None else strength
         check_strength(strength)
         prompts, seeds = expand_prompts(prompts, seeds, n)
         negatives = as_list(negative_prompt, len(prompts), "negative prompt")

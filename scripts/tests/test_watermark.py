@@ -1,8 +1,10 @@
 """Print the invisible watermark hidden in an image: ``python scripts/tests/test_watermark.py IMAGE``.
 
-Prints the decoded text (``StableDiffusionV1`` for images written by txt2img with the watermark
-on), or ``null`` when nothing decodes, as the reference script did. Exit status 2 with a one-line
-message when the file cannot be used.
+Prints the decoded text: the watermark of the model family that made the image
+(``StableDiffusionV1`` for SD v1, ``SDV2`` for SD 2; every text of :data:`ldm.families.FAMILIES` is
+tried with its own length), else what 136 bits decode to, or ``null`` when nothing decodes, as the
+reference script did. ``--bits N`` decodes exactly N bits. Exit status 2 with a one-line message
+when the file cannot be used.
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ except ImportError:  # run from a checkout without installing the package
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Decode the dwtDct invisible watermark of an image.")
     parser.add_argument("image", help="image file (PNG, JPEG, ...)")
-    parser.add_argument("--bits", type=int, default=None, help="payload length in bits (default 136, 'StableDiffusionV1')")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="payload length in bits (default: try every family's watermark, e.g. 136 for "
+                             "'StableDiffusionV1', 32 for 'SDV2')")
     args = parser.parse_args(argv)
 
     from ldm.errors import UserInputError
+    from ldm.families import FAMILIES
     from ldm.image_io import load_image
     from ldm.watermark import WATERMARK_BITS, can_hold_watermark, read_watermark
 
@@ -35,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     if not can_hold_watermark(image.width, image.height, bits):
         print(f"note: {args.image} is {image.width}x{image.height}, too small to carry a watermark", file=sys.stderr)
+    if args.bits is None:
+        for known in dict.fromkeys(f.watermark for f in FAMILIES):
+            if can_hold_watermark(image.width, image.height, 8 * len(known.encode("utf-8"))) and \
+                    read_watermark(image, 8 * len(known.encode("utf-8"))) == known:
+                print(known)
+                return 0
     text = read_watermark(image, bits)
     print("null" if text is None else text)
     return 0
