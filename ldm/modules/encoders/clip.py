@@ -123,10 +123,29 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": _gelu}
 
 
-def _activation(name: str):
+def activation(name: str):
+    """The function of an activation name (``ACTIVATIONS``); ``ValueError`` on an unknown one."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool,
+                         scale: float | None = None) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale)·v`` per head, for the CLIP and OpenCLIP towers.
+
+    :param q: / ``k`` / ``v``: ``[B, L, D]`` projections, heads side by side along D.
+    :param causal: position i attends to positions <= i only (the text towers' additive
+        ``-inf`` mask above the diagonal).
+    :param scale: default ``(D / heads) ** -0.5``; 1.0 when q is already scaled.
+    :returns: ``[B, L, D]``.
+    """
+    b, n, d = q.shape
+    q, k, v = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    # SDPA, not ldm.ops.attention: the latter takes no mask, and at <= 257 tokens its blocked CPU
+    # form (from 65536 scores per head) would not run anyway.
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)  # [B, H, L, Dh]
+    return out.transpose(1, 2).reshape(b, n, d)
 
 
 class CLIPAttention(nn.Module):
@@ -146,18 +165,15 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         """:param x: ``[B, L, D]``; :param causal: position i attends to positions <= i only."""
-        b, n, d = x.shape
         # q is scaled before the product, as the reference does; SDPA's own scale is then 1.
         q = self.q_proj(x) * self.scale
-        q, k, v = (t.view(b, n, self.heads, self.head_dim).transpose(1, 2) for t in (q, self.k_proj(x), self.v_proj(x)))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)  # [B, H, L, Dh]
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.out_proj(multi_head_attention(q, self.k_proj(x), self.v_proj(x), self.heads, causal, scale=1.0))
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.act = _activation(act)
+        self.act = activation(act)
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
 

@@ -2,8 +2,10 @@
 
 ``FrozenCLIPEmbedder`` is the SD v1 text encoder: the CLIP ViT-L/14 tokenizer and text tower, built
 offline from the files bundled in ``clip-vit-large-patch14/``; its weights come from the SD
-checkpoint (``cond_stage_model.transformer.text_model.*``). The other class names of the reference
-module are kept so that configs naming them fail with a clear message instead of an import error.
+checkpoint (``cond_stage_model.transformer.text_model.*``). ``FrozenOpenCLIPEmbedder`` is the SD 2
+text encoder: the same BPE files in open_clip's dialect and the OpenCLIP ViT-H/14 text tower
+(``cond_stage_model.model.*``). The other class names of the reference module are kept so that
+configs naming them fail with a clear message instead of an import error.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.encoders.clip import CLIPTextConfig, CLIPTextModel
-from ldm.modules.encoders.tokenizer import BUNDLED_TOKENIZER_DIR, CLIPTokenizer, TokenizedBatch
+from ldm.modules.encoders.open_clip import OpenCLIPTextTransformer, open_clip_text_config
+from ldm.modules.encoders.tokenizer import BUNDLED_TOKENIZER_DIR, OPEN_CLIP, CLIPTokenizer, TokenizedBatch
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,39 @@ def load_clip_text_config(folder: Path) -> CLIPTextConfig:
     return CLIPTextConfig.from_hf_dict(data.get("text_config", data))
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
+class _FrozenTextEncoder(AbstractEncoder):
+    """What the text encoders share: ``tokenizer``, ``max_length``, freezing, device and dtype of
+    the weights (read from ``token_embedding``)."""
+
+    tokenizer: CLIPTokenizer
+    max_length: int
+
+    def _token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients (the encoder is never trained here)."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    @property
+    def device(self) -> torch.device:
+        return self._token_embedding().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._token_embedding().weight.dtype
+
+    def tokenize(self, text: str | list[str]) -> TokenizedBatch:
+        """Token ids ``[B, max_length]`` plus, per prompt, the words truncation dropped."""
+        return self.tokenizer(text, max_length=self.max_length)
+
+    def encode(self, text: str | list[str]) -> torch.Tensor:
+        return self(text)
+
+
+class FrozenCLIPEmbedder(_FrozenTextEncoder):
     """CLIP text encoder (SD v1): prompts -> ``[B, 77, D]`` token features.
 
     :param version: ``"openai/clip-vit-large-patch14"`` (bundled tokenizer and config) or a local
@@ -146,23 +181,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
-    def freeze(self) -> None:
-        """Eval mode and no gradients (the encoder is never trained here)."""
-        self.eval()
-        for param in self.parameters():
-            param.requires_grad = False
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.text_model.embeddings.token_embedding.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.text_model.embeddings.token_embedding.weight.dtype
-
-    def tokenize(self, text: str | list[str]) -> TokenizedBatch:
-        """Token ids ``[B, max_length]`` plus, per prompt, the words truncation dropped."""
-        return self.tokenizer(text, max_length=self.max_length)
+    def _token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
         """:param text: a prompt or a list of B prompts.
@@ -175,8 +195,55 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             return out.pooler_output[:, None, :]
         return out.hidden_states[self.layer_idx]
 
-    def encode(self, text: str | list[str]) -> torch.Tensor:
-        return self(text)
+
+class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
+    """OpenCLIP text encoder (SD 2.x): prompts -> ``[B, 77, width]`` token features.
+
+    :param arch: an OpenCLIP model name: ``"ViT-H-14"`` (SD 2), ``"ViT-bigG-14"``, or one added
+        with :func:`ldm.modules.encoders.open_clip.register_open_clip_arch`.
+    :param version: the open_clip pretrained tag (``"laion2b_s32b_b79k"``); accepted for config
+        compatibility and not used: the weights come from the SD checkpoint, nothing is downloaded.
+    :param device: accepted for config compatibility and not used (move the module with ``.to()``).
+    :param max_length: token length; must equal the arch's context length (77), as the reference
+        adds the whole positional embedding.
+    :param freeze: eval mode and ``requires_grad=False``.
+    :param layer: ``"last"``: every block, then ``ln_final``; ``"penultimate"`` (SD 2's configs):
+        every block but the last, then ``ln_final``. Either way no projection, no pooling.
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(self, arch: str = "ViT-H-14", version: str | None = "laion2b_s32b_b79k", device: Any = None,
+                 max_length: int = 77, freeze: bool = True, layer: str = "last"):
+        super().__init__()
+        config = open_clip_text_config(arch)
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        self.layer_idx = {"last": 0, "penultimate": 1}[layer]  # the reference's name: blocks skipped at the end
+        if config.layers <= self.layer_idx:
+            raise ValueError(f"layer={layer!r} needs at least 2 blocks; arch {arch!r} has {config.layers}")
+        if max_length != config.context_length:
+            raise ValueError(f"max_length must be the context length of {arch!r}, {config.context_length}; "
+                             f"got {max_length}")
+        self.arch = arch
+        self.layer = layer
+        self.max_length = max_length
+        self.tokenizer = CLIPTokenizer.from_folder(model_max_length=max_length, dialect=OPEN_CLIP)
+        self.model = OpenCLIPTextTransformer(config)
+        if freeze:
+            self.freeze()
+
+    def _token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def forward(self, text: str | list[str]) -> torch.Tensor:
+        """:param text: a prompt or a list of B prompts.
+        :returns: ``[B, max_length, width]``, dtype of the weights."""
+        return self.encode_with_transformer(self.tokenize(text).input_ids.to(self.device))
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The reference's name: ``[B, 77]`` token ids -> ``[B, 77, width]`` features of ``layer``."""
+        return self.model(tokens, skip_last=self.layer_idx)
 
 
 class _NotProvided(AbstractEncoder):
@@ -208,10 +275,6 @@ class FrozenCLIPTextEmbedder(_NotProvided):
 
 class FrozenClipImageEmbedder(_NotProvided):
     missing = "it wraps OpenAI's `clip` package and kornia for image conditioning"
-
-
-class FrozenOpenCLIPEmbedder(_NotProvided):
-    missing = "the SD 2 OpenCLIP ViT-H/14 text encoder (cond_stage_model.model.*) is not written yet"
 
 
 class FrozenT5Embedder(_NotProvided):
