@@ -209,8 +209,18 @@ class AttentionBlock(nn.Module):
 class UNetModel(nn.Module):
     """The full UNet with attention and timestep embedding.
 
-    Constructor parameters are the reference's (so existing configs build it unchanged);
-    ``use_fp16`` is accepted for config compatibility: the compute dtype is the weights' dtype.
+    Constructor parameters are the reference's (SD 1, SD 2 and LDM configs build it unchanged);
+    ``use_fp16`` / ``use_bf16`` (SD 2's configs set ``use_fp16: True``) are accepted for config
+    compatibility: the compute dtype is the weights' dtype, so the same config runs in float32 on a
+    CPU and in fp16/bf16 when the model is loaded in that dtype (the reference cast the input to
+    fp16 and relied on CUDA autocast; on a CPU it failed). SD 2 options: ``num_head_channels``
+    (fixed head width 64 with ``legacy: False``: 5/10/20 heads), ``use_linear_in_transformer``
+    (Linear ``proj_in``/``proj_out``), ``context_dim`` 1024. ``num_classes`` is an int
+    (``nn.Embedding``, the x4 upscaler), ``"continuous"`` (``Linear(1, 4·mc)``) or ``"sequential"``
+    (``Sequential(Sequential(Linear(adm_in_channels, 4·mc), SiLU, Linear(4·mc, 4·mc)))``, unCLIP);
+    the label embedding of ``y`` is added to the timestep embedding. ``spatial_transformer_attn_type``
+    ``"softmax-xformers"`` (unCLIP) has the same keys and math as ``"softmax"``: attention always
+    runs through :func:`ldm.ops.attention`.
 
     ``forward(x [B, in_channels, H, W], timesteps [B] int or float, context [B, M, context_dim])``
     returns ``[B, out_channels, H, W]`` (contiguous). H and W must be multiples of
@@ -224,14 +234,18 @@ class UNetModel(nn.Module):
     def __init__(self, image_size, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks, attention_resolutions: Iterable[int], dropout: float = 0,
                  channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
-                 num_classes: Optional[int] = None, use_checkpoint: bool = False, use_fp16: bool = False,
+                 num_classes=None, use_checkpoint: bool = False, use_fp16: bool = False, use_bf16: bool = False,
                  num_heads: int = -1, num_head_channels: int = -1, num_heads_upsample: int = -1,
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
                  transformer_depth: int = 1, context_dim=None, n_embed: Optional[int] = None,
                  legacy: bool = True, disable_self_attentions=None, num_attention_blocks=None,
-                 disable_middle_self_attn: bool = False, use_linear_in_transformer: bool = False):
+                 disable_middle_self_attn: bool = False, use_linear_in_transformer: bool = False,
+                 adm_in_channels: Optional[int] = None, spatial_transformer_attn_type: str = "softmax"):
         super().__init__()
+        if spatial_transformer_attn_type not in ("softmax", "softmax-xformers"):
+            raise ValueError(f"spatial_transformer_attn_type must be 'softmax' or 'softmax-xformers', "
+                             f"got {spatial_transformer_attn_type!r}")
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the text embedding width)")
         if context_dim is not None and not use_spatial_transformer:
@@ -267,8 +281,17 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(),
                                         linear(time_embed_dim, time_embed_dim))
-        if num_classes is not None:
+        if isinstance(num_classes, int):
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+        elif num_classes == "continuous":
+            self.label_emb = nn.Linear(1, time_embed_dim)
+        elif num_classes == "sequential":
+            if adm_in_channels is None:
+                raise ValueError('num_classes "sequential" needs adm_in_channels (the width of the vector y)')
+            self.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                                                         linear(time_embed_dim, time_embed_dim)))
+        elif num_classes is not None:
+            raise ValueError(f'num_classes must be an int, "continuous" or "sequential", got {num_classes!r}')
 
         def attn_block(ch: int, heads_for_classic: int, level: int, disable_self_attn: bool = False) -> nn.Module:
             # Head count / width as the reference derives them (num_heads fixed, or num_head_channels fixed).
@@ -352,7 +375,7 @@ class UNetModel(nn.Module):
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         if context is not None:
             context = [c.to(dtype) for c in context] if isinstance(context, list) else context.to(dtype)
 
