@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 from ldm.util import config_get
 
 __all__ = ["ModelFacts", "Family", "FAMILIES", "METHODS", "family_of", "get_family", "facts_from_config",
-           "facts_from_model", "facts_from_state_dict"]
+           "facts_from_model", "facts_from_state_dict", "configure_model"]
 
 #: Pipeline method -> (what it is called in messages, the script that runs it).
 METHODS = {
@@ -71,6 +71,8 @@ class Family:
     :ivar strength: default img2img strength.
     :ivar watermark: text of the invisible watermark written into its images.
     :ivar safety_checker: whether its images go through the safety checker by default.
+    :ivar upcast_attention: the reference computes attention scores and softmax in float32 also
+        in half precision (SD 2); see :func:`configure_model`.
     :ivar config, checkpoint: where the original scripts expected its config and checkpoint.
     :ivar unsupported: why it cannot run yet (None when it can).
     """
@@ -89,6 +91,7 @@ class Family:
     strength: float = 0.75
     watermark: str = "StableDiffusionV1"
     safety_checker: bool = True
+    upcast_attention: bool = False
     config: Optional[str] = None
     checkpoint: Optional[str] = None
     unsupported: Optional[str] = None
@@ -121,7 +124,8 @@ def _is_open_clip(f: ModelFacts) -> bool:
 
 
 #: The SD 2 scripts' defaults: guidance 9 everywhere, img2img strength 0.8, the "SDV2" watermark.
-_SD2 = dict(scale={"txt2img": 9.0, "img2img": 9.0, "inpaint": 9.0}, strength=0.8, watermark="SDV2")
+_SD2 = dict(scale={"txt2img": 9.0, "img2img": 9.0, "inpaint": 9.0}, strength=0.8, watermark="SDV2",
+            upcast_attention=True)
 
 
 #: Every family, most specific first: :func:`family_of` returns the first that recognises a model.
@@ -225,3 +229,12 @@ def facts_from_state_dict(shapes: Mapping[str, Any]) -> Optional[ModelFacts]:
     latent, unet_in = int(post_quant[1]), int(unet[1])
     return ModelFacts(target="", cond_stage=cond, conditioning_key="hybrid" if unet_in == 2 * latent + 1 else None,
                       latent_channels=latent, unet_in_channels=unet_in)
+
+
+def configure_model(model, family: Family) -> None:
+    """Give a built model the family's numeric choices that its config cannot carry: attention
+    scores in float32 (``upcast_attention``) for the SD 2 families. The pipeline calls this; call it
+    when running a model from Python without :class:`ldm.generate.StableDiffusion`."""
+    for module in model.modules():
+        if hasattr(module, "upcast_attention"):
+            module.upcast_attention = family.upcast_attention

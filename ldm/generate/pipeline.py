@@ -52,8 +52,11 @@ class StableDiffusion:
     def __init__(self, model, *, spec: Optional[ModelSpec] = None, model_name: Optional[str] = None,
                  model_hash: Optional[str] = None, safety_checker=None, safety_status: str = SAFETY_OFF,
                  progress: bool = True, exact_batches: bool = True):
+        from ldm.families import configure_model
+
         self.model = model
         self.spec = spec if spec is not None else describe_model(model)
+        configure_model(model, self.spec.family)
         self.exact_batches = exact_batches
         self.model_name = model_name
         self.model_hash = model_hash

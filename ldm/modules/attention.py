@@ -3,6 +3,20 @@
 Attention runs through :func:`ldm.ops.attention` (PyTorch's ``scaled_dot_product_attention``, or
 its fast CPU form), and the projections are :class:`ldm.ops.Linear` / :class:`ldm.ops.Conv2d`;
 see :mod:`ldm.ops` for the fast paths and their switches.
+
+Attention precision. SD 2's reference computes ``q·kᵀ·scale`` and the softmax in float32 also
+under fp16 autocast (``_ATTN_PRECISION = "fp32"``, the default of its ``ATTN_PRECISION``
+environment variable; 2.1 in fp16 is unstable without it). Here the activations stay in the
+model's dtype and :func:`~ldm.ops.attention` gets them as they are: PyTorch's SDPA keeps the scores
+and the softmax in float32 for fp16/bf16 inputs on every backend (the CPU flash kernel, the CUDA
+flash and memory-efficient kernels, and the math kernel, which upcasts half inputs unless
+``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)``), and rounds only the output, so
+SD 1 and SD 2 both get the upcast without a float32 copy of q and k. (The one exception is the
+blocked bfloat16 CPU form of ``ldm.ops``, which rounds the scores to bfloat16 before the softmax,
+as the SD 1 reference did under bf16 autocast; SD 2 models never take it: their family sets
+``CrossAttention.upcast_attention``.) There is no switch for the reference's
+``ATTN_PRECISION=fp16``: it only trades accuracy for speed on old GPUs. In float32 all of this
+changes nothing.
 """
 from __future__ import annotations
 
@@ -45,7 +59,14 @@ class FeedForward(nn.Module):
 
 class CrossAttention(nn.Module):
     """Multi-head attention of ``x`` [B, N, query_dim] over ``context`` [B, M, context_dim]
-    (over ``x`` itself when context is None). q/k/v without bias, output projection with bias."""
+    (over ``x`` itself when context is None). q/k/v without bias, output projection with bias.
+
+    ``upcast_attention``: scores and softmax in float32 whatever the weights' dtype, as the SD 2
+    reference (``ATTN_PRECISION = "fp32"``); the SD v1 reference rounds them under autocast. Set per
+    model family (:func:`ldm.families.configure_model`); not part of the state_dict.
+    """
+
+    upcast_attention = False
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8,
                  dim_head: int = 64, dropout: float = 0.):
@@ -67,7 +88,7 @@ class CrossAttention(nn.Module):
         # [B, N, h·d] -> [B, h, N, d]
         q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, scale=self.scale, upcast=self.upcast_attention)
         return self.to_out(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]))
 
 

@@ -17,11 +17,15 @@ _BLOCKED_MIN_SCORES = 1 << 16
 _BLOCKED_SCORE_BYTES = 4 << 20
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, *,
+              upcast: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v over the last two dims.
 
     :param q: [..., Nq, d]; ``k``, ``v``: [..., Nk, d].
     :param scale: defaults to d^-0.5.
+    :param upcast: the scores and the softmax must be float32 whatever the input dtype (the SD 2
+        reference's ``ATTN_PRECISION = "fp32"``); then the bfloat16 blocked form, which rounds the
+        scores to bfloat16, is not used (SDPA keeps them in float32 and rounds only the output).
     :returns: [..., Nq, d].
 
     With ``ldm.ops.SETTINGS.attention == "auto"`` (the default), CPU inference attention with at
@@ -39,7 +43,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         # The CPU flash kernel walks rows of each head: with heads split out of [B, N, h·d]
         # (strided views) it runs about 5% slower than on contiguous copies, which cost far less.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if _use_blocked(q, k, v):
+        if _use_blocked(q, k, v, upcast):
             return _blocked_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     slice_size = SETTINGS.attention_slice_size
     if slice_size is None or q.shape[-2] <= slice_size:
@@ -48,7 +52,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
                       for i in range(0, q.shape[-2], slice_size)], dim=-2)
 
 
-def _use_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _use_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool = False) -> bool:
     """For contiguous CPU tensors: whether :func:`attention` takes the blocked form."""
     if not (SETTINGS.attention == "auto" and q.dtype == k.dtype == v.dtype
             and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
@@ -56,7 +60,7 @@ def _use_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if q.dtype == torch.float32:
         return capability.ONEDNN_LINEAR
-    return q.dtype == torch.bfloat16 and capability.cpu_has_fast_bf16_matmul()
+    return q.dtype == torch.bfloat16 and not upcast and capability.cpu_has_fast_bf16_matmul()
 
 
 def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
