@@ -33,3 +33,38 @@ def load_config(path=TINY_CONFIG, **overrides):
     for k, v in overrides.items():
         OmegaConf.update(cfg, k, v)
     return cfg
+
+
+def unet_block_outputs(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+    """One UNet call's intermediate tensors by the names the parity fixtures use: ``unet_input``,
+    ``time_embed``, ``input_blocks.i``, ``middle_block``, ``output_blocks.i``, and the sinusoidal
+    timestep embedding ``t_emb_sinusoidal``."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    got = {}
+    hooks = [unet.time_embed.register_forward_hook(lambda m, i, o: got.__setitem__("time_embed", o)),
+             unet.middle_block.register_forward_hook(lambda m, i, o: got.__setitem__("middle_block", o)),
+             unet.register_forward_pre_hook(lambda m, i: got.__setitem__("unet_input", i[0]))]
+    for group in ("input_blocks", "output_blocks"):
+        for i, block in enumerate(getattr(unet, group)):
+            hooks.append(block.register_forward_hook(lambda m, inp, o, n=f"{group}.{i}": got.__setitem__(n, o)))
+    try:
+        with torch.no_grad():
+            unet(x, t, context=context)
+    finally:
+        for h in hooks:
+            h.remove()
+    got["t_emb_sinusoidal"] = timestep_embedding(t, unet.model_channels)
+    return got
+
+
+def unet_and_diffusers_outputs(ours, theirs, context_dim: int) -> tuple:
+    """``(ours, theirs, ours at t + 0.5, theirs at t + 0.5)`` of one call on shared random inputs
+    (latent 2x4x16x16, timesteps 981 and 1, a random context of width ``context_dim``)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([981, 1])
+    context = torch.randn(2, 77, context_dim, generator=g)
+    with torch.no_grad():
+        return (ours(x, t, context=context), theirs(x, t, encoder_hidden_states=context).sample,
+                ours(x, t.float() + 0.5, context=context), theirs(x, t.float() + 0.5, encoder_hidden_states=context).sample)

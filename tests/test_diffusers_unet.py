@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import instantiate_on_meta, load_weights_into
-from tests.helpers import REPO, rel_err
+from tests.helpers import REPO, rel_err, unet_and_diffusers_outputs
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -56,15 +56,7 @@ def full_models():
 
 def test_full_unet_matches_diffusers(full_models):
     ours, theirs = full_models
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    t = torch.tensor([981, 1])
-    context = torch.randn(2, 77, 768, generator=g)
-    with torch.no_grad():
-        a = ours(x, t, context=context)
-        b = theirs(x, t, encoder_hidden_states=context).sample
-        a_frac = ours(x, t.float() + 0.5, context=context)
-        b_frac = theirs(x, t.float() + 0.5, encoder_hidden_states=context).sample
+    a, b, a_frac, b_frac = unet_and_diffusers_outputs(ours, theirs, 768)
     assert rel_err(a, b) < 1e-4
     assert rel_err(a_frac, b_frac) < 1e-4
     assert a.std() > 0.01 and rel_err(a, a_frac) > 1e-4  # a real signal that depends on t

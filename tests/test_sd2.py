@@ -22,9 +22,8 @@ from ldm.checkpoint import instantiate_on_meta, load_model_from_config, read_che
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import GuidedModel
 from ldm.models.diffusion.registry import make_sampler
-from ldm.modules.diffusionmodules.util import timestep_embedding
 from tests.conftest import FIXTURES
-from tests.helpers import REPO, read_manifest, rel_err
+from tests.helpers import REPO, read_manifest, rel_err, unet_and_diffusers_outputs, unet_block_outputs
 
 V_TINY_CONFIG = FIXTURES / "sd-v2-v-tiny.yaml"
 V_TINY_CKPT = FIXTURES / "sd-v2-v-tiny-random.ckpt"
@@ -145,21 +144,7 @@ def test_unet_v_output_matches_reference(v_model, v2):
 
 def test_unet_blocks_match_reference(v_model, v2):
     ref = v2["unet"]
-    unet = v_model.model.diffusion_model
-    got = {}
-    hooks = [unet.time_embed.register_forward_hook(lambda m, i, o: got.__setitem__("time_embed", o)),
-             unet.middle_block.register_forward_hook(lambda m, i, o: got.__setitem__("middle_block", o)),
-             unet.register_forward_pre_hook(lambda m, i: got.__setitem__("unet_input", i[0]))]
-    for group in ("input_blocks", "output_blocks"):
-        for i, block in enumerate(getattr(unet, group)):
-            hooks.append(block.register_forward_hook(lambda m, inp, o, n=f"{group}.{i}": got.__setitem__(n, o)))
-    try:
-        with torch.no_grad():
-            unet(ref["x"], ref["t"], context=ref["context"])
-    finally:
-        for h in hooks:
-            h.remove()
-    got["t_emb_sinusoidal"] = timestep_embedding(ref["t"], unet.model_channels)
+    got = unet_block_outputs(v_model.model.diffusion_model, ref["x"], ref["t"], ref["context"])
     assert set(ref["blocks"]) <= set(got)
     errors = {name: rel_err(got[name], value) for name, value in ref["blocks"].items()}
     worst = max(errors, key=errors.get)
@@ -504,15 +489,7 @@ def test_full_size_768_v_unet_matches_diffusers():
     heads = [m.heads for m in ours.modules() if type(m).__name__ == "CrossAttention"]
     assert sorted(set(heads)) == [5, 10, 20]  # head width 64 at 320/640/1280 channels
 
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    t = torch.tensor([981, 1])
-    context = torch.randn(2, 77, 1024, generator=g)
-    with torch.no_grad():
-        a = ours(x, t, context=context)
-        b = theirs(x, t, encoder_hidden_states=context).sample
-        a_frac = ours(x, t.float() + 0.5, context=context)
-        b_frac = theirs(x, t.float() + 0.5, encoder_hidden_states=context).sample
+    a, b, a_frac, b_frac = unet_and_diffusers_outputs(ours, theirs, 1024)
     assert rel_err(a, b) < 1e-4
     assert rel_err(a_frac, b_frac) < 1e-4
     assert a.std() > 0.01 and rel_err(a, a_frac) > 1e-4

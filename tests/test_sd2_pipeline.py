@@ -81,3 +81,12 @@ def test_sd2_attention_keeps_float32_scores_and_v1_does_not(v2_files, monkeypatc
     q = torch.randn(1, 2, 512, 16).bfloat16()
     assert ops_attention._use_blocked(q, q, q, upcast=False)
     assert not ops_attention._use_blocked(q, q, q, upcast=True)
+
+
+def test_a_v1_checkpoint_with_an_sd2_config_names_the_v1_config(v2_files, spec_dir):
+    from ldm.checkpoint import CheckpointError
+    from ldm.generate import StableDiffusion
+
+    v1 = spec_dir / "fixtures" / "sd-v1-tiny-random.ckpt"
+    with pytest.raises(CheckpointError, match=r"does not match the model config.*Stable Diffusion v1.*v1-inference"):
+        StableDiffusion.from_files(v2_files[0], v1, device="cpu", precision="fp32", hash_checkpoint=False)

@@ -4,7 +4,7 @@ import torch
 
 from ldm.checkpoint import instantiate_on_meta, load_model_from_config
 from ldm.modules.diffusionmodules.util import make_beta_schedule, timestep_embedding
-from tests.helpers import load_config, rel_err
+from tests.helpers import load_config, rel_err, unet_block_outputs
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +54,7 @@ def test_unet_eps_matches_reference(tiny_model, parity):
 
 def test_unet_blocks_match_reference(tiny_model, parity):
     ref = parity["unet"]
-    unet = tiny_model.model.diffusion_model
-    got = {}
-    hooks = [unet.time_embed.register_forward_hook(lambda m, i, o: got.__setitem__("time_embed", o)),
-             unet.middle_block.register_forward_hook(lambda m, i, o: got.__setitem__("middle_block", o))]
-    for group in ("input_blocks", "output_blocks"):
-        for i, block in enumerate(getattr(unet, group)):
-            hooks.append(block.register_forward_hook(lambda m, inp, o, n=f"{group}.{i}": got.__setitem__(n, o)))
-    try:
-        with torch.no_grad():
-            unet(ref["x"], ref["t"], context=ref["context"])
-    finally:
-        for h in hooks:
-            h.remove()
-    got["t_emb_sinusoidal"] = timestep_embedding(ref["t"], unet.model_channels)
+    got = unet_block_outputs(tiny_model.model.diffusion_model, ref["x"], ref["t"], ref["context"])
     assert set(ref["blocks"]) <= set(got)
     errors = {name: rel_err(got[name], value) for name, value in ref["blocks"].items()}
     worst = max(errors, key=errors.get)
