@@ -72,17 +72,19 @@ def add_output_args(parser: argparse.ArgumentParser, outdir: str) -> None:
 
 def add_sampling_args(parser: argparse.ArgumentParser, method: str, *,
                       steps_flags: Sequence[str] = ("--ddim_steps",), n_samples: int = 3, n_iter: int = 2,
-                      seed: int = 42) -> None:
+                      seed: int = 42, family: str = "sd-v1") -> None:
     """Sampling flags; steps, sampler and scale default to the model family's (filled in by
-    :func:`plan_run` once the config is read; ``--help`` shows SD v1's)."""
+    :func:`plan_run` once the config is read; ``--help`` shows those of ``family``, the script's
+    usual model)."""
     from ldm.models.diffusion.registry import SAMPLER_DESCRIPTIONS
 
-    sd = get_family("sd-v1")
+    sd = get_family(family)
+    title = {"sd-v1": "SD v1"}.get(family, family)
     parser.add_argument(*steps_flags, dest="steps", type=int, default=None,
-                        help=f"number of sampling steps (default: the model family's, {sd.steps} for SD v1)")
+                        help=f"number of sampling steps (default: the model family's, {sd.steps} for {title})")
     parser.set_defaults(steps_flag=steps_flags[0])
     parser.add_argument("--sampler", choices=tuple(SAMPLER_DESCRIPTIONS), default=None,
-                        help=f"sampling method (default: the model family's, {sd.sampler} for SD v1; --plms and "
+                        help=f"sampling method (default: the model family's, {sd.sampler} for {title}; --plms and "
                              "--dpm_solver (--dpm) are aliases): "
                              + "; ".join(f"{k}: {v}" for k, v in SAMPLER_DESCRIPTIONS.items()))
     parser.add_argument("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
@@ -99,7 +101,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, method: str, *,
     parser.add_argument("--n_rows", type=int, default=0, help="images per row in the grid (0: n_samples)")
     parser.add_argument("--scale", type=float, default=None,
                         help="classifier-free guidance scale: eps = eps(x, negative) + scale * (eps(x, prompt) - "
-                             f"eps(x, negative)) (default: the model family's, {sd.default_scale(method)} for SD v1)")
+                             f"eps(x, negative)) (default: the model family's, {sd.default_scale(method)} for {title})")
     parser.add_argument("--seed", type=int, default=seed, help=SEED_HELP)
     parser.add_argument("--fast_batch", action="store_true",
                         help="run each batch through the networks at once: faster on GPUs, but an image then "

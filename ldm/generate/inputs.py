@@ -10,7 +10,7 @@ from PIL import Image
 
 from ldm.errors import UserInputError
 
-__all__ = ["as_list", "expand_prompts", "generators_for", "check_strength", "binary_mask", "pad_image"]
+__all__ = ["as_list", "expand_prompts", "generators_for", "check_strength", "check_level", "binary_mask", "pad_image"]
 
 
 def as_list(value: Union[str, Sequence[str]], n: int, what: str) -> list:
@@ -56,6 +56,14 @@ def check_strength(strength: float, name: str = "strength") -> None:
     """img2img strength must lie in ``[0, 1]``; ``name`` is how the message calls it (``--strength``)."""
     if not 0.0 <= strength <= 1.0:
         raise UserInputError(f"{name} {strength} is outside [0, 1]; pass a value such as 0.75")
+
+
+def check_level(level, highest: int, name: str = "noise_level", hint: str = "") -> int:
+    """A noise level (x4 upscaler, unCLIP) must be an integer in ``[0, highest]``; :returns: it as
+    an int. ``hint`` ends the message (e.g. the default and what the level does)."""
+    if isinstance(level, bool) or not float(level).is_integer() or not 0 <= level <= highest:
+        raise UserInputError(f"{name} {level} is outside 0..{highest}; pass an integer in that range{hint}")
+    return int(level)
 
 
 def binary_mask(mask: Union[Image.Image, np.ndarray]) -> np.ndarray:

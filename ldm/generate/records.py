@@ -44,7 +44,8 @@ def sampler_display_name(name: str) -> str:
 class ImageRecord:
     """Everything needed to re-make one image, and its metadata text.
 
-    :ivar mode: ``"txt2img"``, ``"img2img"``, ``"inpaint"`` or ``"ldm-inpaint"``.
+    :ivar mode: the pipeline method that made it: ``"txt2img"``, ``"img2img"``, ``"inpaint"``,
+        ``"ldm-inpaint"``, ``"upscale"``, ...
     :ivar seed: the seed of this image's own generator.
     :ivar eta: the sampler's eta where it has one (DDIM, Euler a), else None.
     :ivar strength: img2img strength (written as ``Denoising strength``).

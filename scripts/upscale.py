@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Upscale an image 4x, guided by a text prompt, with the Stable Diffusion 2 x4 upscaler.
+
+The input image (any format and colour mode PIL reads) is noise-augmented to --noise_level (0..350;
+more noise keeps less of the input's fine detail) and conditions the model together with the
+prompt; the result is 4x the input's width and height. The model works at the input's size, so
+inputs of a few hundred pixels a side are practical; for a larger picture upscale it in tiles of
+256x256 or less. Outputs over 1024 pixels a side are decoded in tiles (--vae_tile). Every sampler
+works.
+
+Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
+its generation parameters (incl. "Noise level") and the invisible watermark. Image k of the run
+uses seed + k.
+
+Example:
+  python scripts/upscale.py --init-img low.png --prompt "a professional photograph of a cat" \\
+      --config configs/stable-diffusion/x4-upscaling.yaml --ckpt x4-upscaler-ema.ckpt
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ldm import cli  # noqa: E402  (light: no torch at import)
+from ldm.families import get_family  # noqa: E402
+
+FAMILY = get_family("sd-x4-upscaler")
+DEFAULT_PROMPT = "a high quality professional photograph"  # the reference app's
+LARGE_INPUT = 512  # input side above which the run says how to tile
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__)
+    cli.add_prompt_args(parser, default=DEFAULT_PROMPT)
+    parser.add_argument("--init-img", dest="init_img", type=str, nargs="?", default=None,
+                        help="path to the low-resolution input image")
+    parser.add_argument("--noise_level", type=int, default=20,
+                        help="noise added to the input before it conditions the model, 0..350 (the reference app's "
+                             "default: 20)")
+    cli.add_output_args(parser, "outputs/upscale-samples")
+    cli.add_sampling_args(parser, "upscale", steps_flags=("--steps", "--ddim_steps"), n_samples=1, n_iter=1, seed=0,
+                          family=FAMILY.name)
+    parser.add_argument("--vae_tile", type=int, default=None,
+                        help="decode the output in tiles of this many latent positions (4x as many pixels); 0 "
+                             "decodes in one piece (default: tiles of 128 when an output side is over 1024 pixels)")
+    cli.add_model_args(parser, config=FAMILY.config, ckpt=FAMILY.checkpoint)
+    cli.add_safety_args(parser)
+    return parser
+
+
+def run(opt) -> None:
+    # -- every check, before any model is loaded
+    from ldm.generate.upscale import check_noise_level, check_tile
+
+    if not opt.init_img:
+        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    check_noise_level(opt.noise_level, "--noise_level")
+    check_tile(opt.vae_tile, "--vae_tile")
+    plan = cli.plan_run(opt, "upscale", expected_ckpt=FAMILY.checkpoint)
+    prompts = cli.read_prompts(opt)
+    from ldm.image_io import load_image
+
+    image = load_image(opt.init_img)
+    if max(image.size) > LARGE_INPUT:
+        cli.log.warning("the input is %dx%d: the model works at that size and makes %dx%d; if it runs out of memory, "
+                        "upscale the image in tiles of 256x256 or less", *image.size, 4 * image.width,
+                        4 * image.height)
+    data = cli.prompt_batches(opt, prompts)
+
+    # -- the run
+    from ldm.generate import ImageWriter
+
+    sd = cli.load_pipeline(opt, plan)
+    writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
+
+    def make_batch(batch_prompts, first_seed):
+        return sd.upscale(batch_prompts, image, first_seed, noise_level=opt.noise_level,
+                          negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=plan.sampler,
+                          scale=opt.scale, eta=plan.eta, tile=opt.vae_tile)
+
+    cli.generate_all(opt, data, make_batch, writer)
+
+
+def main(argv=None) -> int:
+    return cli.run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
