@@ -27,6 +27,8 @@ METHODS = {
     "img2img": ("img2img", "scripts/img2img.py"),
     "inpaint": ("text-guided inpainting", "scripts/inpaint.py --init-img --mask --prompt"),
     "inpaint_ldm": ("LDM inpainting (--indir)", "scripts/inpaint.py --indir"),
+    "upscale": ("x4 upscaling", "scripts/upscale.py"),
+    "variations": ("image variations", "scripts/variations.py"),
 }
 
 
@@ -60,7 +62,9 @@ class Family:
     :ivar title: human name (``"Stable Diffusion v1"``).
     :ivar kind: how the pipeline conditions the model: ``"txt2img"`` (text through cross-attention),
         ``"sd-inpaint"`` (text + mask + masked-image latent, 9-channel UNet), ``"ldm-inpaint"``
-        (mask + masked image through the first stage, no text), ``"bert"`` (the LDM text model,
+        (mask + masked image through the first stage, no text), ``"upscale"`` (text + a noise-augmented
+        low-resolution image and its noise level, the SD 2 x4 upscaler), ``"unclip"`` (text + a
+        noise-augmented CLIP image embedding, Stable unCLIP), ``"bert"`` (the LDM text model,
         not runnable yet) or ``"other"``.
     :ivar recognise: ``recognise(facts) -> bool``.
     :ivar conditioning: what the model is conditioned on, e.g. ``("text",)``.
@@ -115,6 +119,14 @@ def _is_sd_inpainting(f: ModelFacts) -> bool:
         f.conditioning_key == "hybrid" and f.unet_in_channels == 2 * f.latent_channels + 1)
 
 
+def _is_x4_upscaler(f: ModelFacts) -> bool:
+    return f.target.endswith("LatentUpscaleDiffusion") or f.conditioning_key == "hybrid-adm"
+
+
+def _is_unclip(f: ModelFacts) -> bool:
+    return f.target.endswith("ImageEmbeddingConditionedLatentDiffusion") or f.conditioning_key == "crossattn-adm"
+
+
 def _is_text_to_image(f: ModelFacts) -> bool:
     return bool(f.cond_stage) and f.unet_in_channels == f.latent_channels
 
@@ -130,6 +142,14 @@ _SD2 = dict(scale={"txt2img": 9.0, "img2img": 9.0, "inpaint": 9.0}, strength=0.8
 
 #: Every family, most specific first: :func:`family_of` returns the first that recognises a model.
 FAMILIES: tuple = (
+    Family("sd-x4-upscaler", "the SD 2 x4 upscaler", "upscale", _is_x4_upscaler,
+           conditioning=("text", "noise-augmented low-resolution image", "noise level"), methods=("upscale",),
+           config="configs/stable-diffusion/x4-upscaling.yaml", checkpoint="x4-upscaler-ema.ckpt",
+           **{**_SD2, "scale": {"upscale": 9.0}}),
+    Family("sd-v2-unclip", "a Stable unCLIP 2.1 image-variation model", "unclip", _is_unclip,
+           conditioning=("text", "noise-augmented CLIP image embedding", "noise level"), methods=("variations",),
+           size=(768, 768), config="configs/stable-diffusion/v2-1-stable-unclip-h-inference.yaml",
+           checkpoint="sd21-unclip-h.ckpt", **{**_SD2, "scale": {"variations": 10.0}}),
     Family("ldm-inpainting", "the LDM inpainting model (inpainting_big)", "ldm-inpaint",
            lambda f: f.cond_stage == "__is_first_stage__", conditioning=("mask", "masked image"),
            methods=("inpaint_ldm",), size=(256, 256), config="models/ldm/inpainting_big/config.yaml",
@@ -227,8 +247,11 @@ def facts_from_state_dict(shapes: Mapping[str, Any]) -> Optional[ModelFacts]:
         return None
     cond = next((target for prefix, target in _COND_STAGE_KEYS if any(k.startswith(prefix) for k in shapes)), "")
     latent, unet_in = int(post_quant[1]), int(unet[1])
-    return ModelFacts(target="", cond_stage=cond, conditioning_key="hybrid" if unet_in == 2 * latent + 1 else None,
-                      latent_channels=latent, unet_in_channels=unet_in)
+    key = "hybrid" if unet_in == 2 * latent + 1 else "hybrid-adm" if unet_in == latent + 3 else None  # + RGB: x4
+    if key is None and "model.diffusion_model.label_emb.0.0.weight" in shapes:  # a vector y: unCLIP
+        key = "crossattn-adm"
+    return ModelFacts(target="", cond_stage=cond, conditioning_key=key, latent_channels=latent,
+                      unet_in_channels=unet_in)
 
 
 def configure_model(model, family: Family) -> None:

@@ -68,3 +68,33 @@ def unet_and_diffusers_outputs(ours, theirs, context_dim: int) -> tuple:
     with torch.no_grad():
         return (ours(x, t, context=context), theirs(x, t, encoder_hidden_states=context).sample,
                 ours(x, t.float() + 0.5, context=context), theirs(x, t.float() + 0.5, encoder_hidden_states=context).sample)
+
+
+class Recorder:
+    """A model whose ``apply_model`` calls are recorded (everything else is the model's)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def apply_model(self, x, t, cond):
+        out = self.model.apply_model(x, t, cond)
+        self.calls.append((x.clone(), t.clone(), out.clone()))
+        return out
+
+
+def help_entries(text: str) -> dict:
+    """``--help`` output -> ``{first flag name: its whole entry on one line}`` (option entries
+    start with two spaces and a dash; their continuation lines are indented further)."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries

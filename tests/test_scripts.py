@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from ldm.metadata import model_hash, parse_parameters, read_parameters
-from tests.helpers import REPO, TINY_CONFIG
+from tests.helpers import REPO, TINY_CONFIG, help_entries
 from tests.test_generate import (TINY_LDM_CONFIG, TINY_INPAINT_CONFIG, box_mask, random_model, textured_image,
                                  tiny_checker, write_checker_folder)
 
@@ -104,15 +104,7 @@ FLAGS = {
 def test_help_lists_every_flag_with_its_default(script, tmp_path):
     proc = run_script(script, "--help", cwd=tmp_path)
     assert_ok(proc)
-    entries, current = {}, None
-    for line in proc.stdout.splitlines():  # option entries start with two spaces and a dash
-        if line.startswith("  -"):
-            current = line.split()[0].rstrip(",")
-            entries[current] = line
-        elif current and line.startswith("   "):
-            entries[current] += " " + line.strip()
-        else:
-            current = None
+    entries = help_entries(proc.stdout)
     for flag in FLAGS[script]:
         assert flag in entries, f"{flag} missing from {script} --help"
         assert "default" in entries[flag], f"{script} --help: {flag} does not state its default: {entries[flag]}"

@@ -23,7 +23,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import GuidedModel
 from ldm.models.diffusion.registry import make_sampler
 from tests.conftest import FIXTURES
-from tests.helpers import REPO, read_manifest, rel_err, unet_and_diffusers_outputs, unet_block_outputs
+from tests.helpers import REPO, Recorder, read_manifest, rel_err, unet_and_diffusers_outputs, unet_block_outputs
 
 V_TINY_CONFIG = FIXTURES / "sd-v2-v-tiny.yaml"
 V_TINY_CKPT = FIXTURES / "sd-v2-v-tiny-random.ckpt"
@@ -259,21 +259,6 @@ class ReplayModel(torch.nn.Module):
         assert k < len(self.trace), f"more model calls than the reference's {len(self.trace)}"
         self.calls.append((x.clone(), t.clone()))
         return self.trace[k]["out"].clone()
-
-
-class Recorder:
-    """A model whose ``apply_model`` calls are recorded (everything else is the model's)."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def apply_model(self, x, t, cond):
-        out = self.model.apply_model(x, t, cond)
-        self.calls.append((x.clone(), t.clone(), out.clone()))
-        return out
 
 
 def _txt2img(name, model, ref):

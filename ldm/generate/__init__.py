@@ -16,6 +16,8 @@ The package, one job per module:
 * :mod:`.inputs`: checks and conversions of prompts, seeds, strengths and masks.
 * :mod:`.batching`: :class:`PaddedPerImageModel`, how the samplers' UNet calls are padded and split.
 * :mod:`.pipeline`: :class:`StableDiffusion`, the methods that run a model.
+* :mod:`.upscale`: its ``upscale`` method (the SD 2 x4 upscaler) and the noise-level check.
+* :mod:`.variations`: its ``variations`` method (Stable unCLIP 2.1 image variations).
 * :mod:`.records`: :class:`ImageRecord` / :class:`GenerationResult`, what a call returns.
 * :mod:`.writer`: :class:`ImageWriter`, files with watermark and metadata, never overwritten.
 
@@ -30,6 +32,7 @@ from ldm.generate.config import (ModelGeometry, ModelSpec, check_image_size, con
 from ldm.generate.pipeline import StableDiffusion, load_safety_checker
 from ldm.generate.records import (SAFETY_FLAGGED, SAFETY_NOT_NEEDED, SAFETY_OFF, SAFETY_PASSED, WATERMARK_TOO_SMALL,
                                   GenerationError, GenerationResult, ImageRecord, sampler_display_name)
+from ldm.generate.upscale import DEFAULT_NOISE_LEVEL, MAX_NOISE_LEVEL, check_noise_level
 from ldm.generate.writer import ImageWriter
 
 __all__ = [
@@ -37,5 +40,5 @@ __all__ = [
     "model_geometry", "describe_config", "describe_model", "check_image_size", "sampler_display_name",
     "ImageRecord", "GenerationResult", "StableDiffusion", "ImageWriter", "PaddedPerImageModel",
     "load_safety_checker", "SAFETY_PASSED", "SAFETY_FLAGGED", "SAFETY_OFF", "SAFETY_NOT_NEEDED",
-    "WATERMARK_TOO_SMALL",
+    "WATERMARK_TOO_SMALL", "DEFAULT_NOISE_LEVEL", "MAX_NOISE_LEVEL", "check_noise_level",
 ]

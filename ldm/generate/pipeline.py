@@ -25,6 +25,8 @@ from ldm.generate.config import (ModelSpec, check_image_size, checkpoint_family_
                                  load_config)
 from ldm.generate.inputs import as_list, binary_mask, check_strength, expand_prompts, generators_for, pad_image
 from ldm.generate.records import SAFETY_OFF, GenerationError, GenerationResult, ImageRecord, make_result
+from ldm.generate.upscale import UpscaleMixin
+from ldm.generate.variations import VariationsMixin
 
 __all__ = ["StableDiffusion", "load_safety_checker"]
 
@@ -33,8 +35,8 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class StableDiffusion:
-    """A loaded model with txt2img / img2img / inpaint methods.
+class StableDiffusion(UpscaleMixin, VariationsMixin):
+    """A loaded model with txt2img / img2img / inpaint / upscale (:mod:`.upscale`) / variations methods.
 
     :param model: a loaded ``LatentDiffusion`` (see :func:`ldm.checkpoint.load_model_from_config`).
     :param model_name: written as ``Model:`` (e.g. the checkpoint's file stem).

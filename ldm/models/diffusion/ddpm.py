@@ -1,5 +1,5 @@
 """Diffusion models: ``DDPM`` (pixel space) and ``LatentDiffusion`` (Stable Diffusion), plus the
-9-channel ``LatentInpaintDiffusion``.
+9-channel ``LatentInpaintDiffusion`` and the SD 2 x4 ``LatentUpscaleDiffusion``.
 
 This module holds the model and its math (noise schedule, conditioning, first-stage encode /
 decode, the training loss). Sampling lives in ``ldm.models.diffusion`` samplers, checkpoint I/O in
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ldm.models.diffusion.wrapper import DiffusionWrapper
+from ldm.models.diffusion.unclip import ImageEmbeddingConditioning
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -39,41 +41,6 @@ Cond = Union[torch.Tensor, list, dict, None]
 def disabled_train(self, mode: bool = True):
     """Replacement for ``nn.Module.train`` that keeps a frozen module in eval mode."""
     return self
-
-
-class DiffusionWrapper(nn.Module):
-    """Routes conditioning into the UNet (``diffusion_model``) by ``conditioning_key``:
-
-    * ``crossattn``: context = cat(c_crossattn, dim=1)
-    * ``concat``: input = cat([x, *c_concat], dim=1)
-    * ``hybrid``: both (the 9-channel inpainting model: x, mask, masked-image latent)
-    * ``adm``: class/vector conditioning ``y``
-    * ``None``: unconditional.
-    """
-
-    def __init__(self, diff_model_config, conditioning_key: Optional[str]):
-        super().__init__()
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm"):
-            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; "
-                             "use concat, crossattn, hybrid, adm or leave it unset")
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
-                c_crossattn: Optional[list] = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        key = self.conditioning_key
-        if key in ("concat", "hybrid"):
-            if not c_concat:
-                raise ValueError(f"a {key!r} model needs c_concat conditioning")
-            x = torch.cat([x, *[c.to(x.dtype) for c in c_concat]], dim=1)
-        context = None
-        if key in ("crossattn", "hybrid"):
-            if not c_crossattn:
-                raise ValueError(f"a {key!r} model needs c_crossattn conditioning (text embeddings)")
-            context = torch.cat(c_crossattn, dim=1)
-        if key == "adm":
-            return self.diffusion_model(x, t, y=c_crossattn[0] if y is None else y)
-        return self.diffusion_model(x, t, context=context)
 
 
 class DDPM(nn.Module):
@@ -448,3 +415,30 @@ class LatentInpaintDiffusion(LatentDiffusion):
         small_mask = F.interpolate(mask.to(z.dtype), size=z.shape[-2:])
         parts = {"mask": small_mask, self.masked_image_key: z}
         return [torch.cat([parts[k] for k in self.concat_keys], dim=1)]
+
+
+class LatentUpscaleDiffusion(LatentDiffusion):
+    """The SD 2 x4 upscaler: UNet input ``cat([z, x_aug])`` with text cross-attention and the noise
+    level of the augmented low-resolution image ``x_aug`` as the UNet's class label (``hybrid-adm``:
+    ``{"c_concat": [x_aug], "c_crossattn": [c], "c_adm": level}``). The latent has the
+    low-resolution size; the KL-f4 first stage decodes it to 4x. ``low_scale_model`` makes
+    ``(x_aug, level)`` (:mod:`ldm.modules.diffusionmodules.upscaling`)."""
+
+    def __init__(self, *args, low_scale_config, low_scale_key: str = "LR", noise_level_key=None, **kwargs):
+        ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", ())
+        super().__init__(*args, **kwargs)
+        if self.cond_stage_trainable:
+            raise ValueError("LatentUpscaleDiffusion needs a frozen text encoder (cond_stage_trainable: false)")
+        model = instantiate_from_config(low_scale_config).eval()
+        model.train = disabled_train.__get__(model)
+        self.low_scale_model = model.requires_grad_(False)
+        self.low_scale_key, self.noise_level_key = low_scale_key, noise_level_key
+        # its schedule buffers, like DDPM's, may be absent from a file: the config's are kept
+        self.optional_checkpoint_keys = DDPM.optional_checkpoint_keys | {
+            f"low_scale_model.{k}" for k in model.state_dict()}
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+
+class ImageEmbeddingConditionedLatentDiffusion(ImageEmbeddingConditioning, LatentDiffusion):
+    """Stable unCLIP 2.1: text and a noised CLIP image embedding (``c_adm``); see :mod:`.unclip`."""

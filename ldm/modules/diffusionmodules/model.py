@@ -31,7 +31,7 @@ from ldm.ops import Conv2d, attention
 
 logger = logging.getLogger(__name__)
 
-ATTN_TYPES = ("vanilla", "linear", "none")
+ATTN_TYPES = ("vanilla", "vanilla-xformers", "linear", "none")
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
@@ -156,11 +156,12 @@ class AttnBlock(nn.Module):
 def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
     """The attention layer of the mid block (and of attention resolutions).
 
-    :param attn_type: ``"vanilla"`` (:class:`AttnBlock`) or ``"none"`` (identity, no weights; the
+    :param attn_type: ``"vanilla"`` (:class:`AttnBlock`; ``"vanilla-xformers"``, the SD 2.1 unCLIP
+        configs' value, is the same layer) or ``"none"`` (identity, no weights; the
         VQ-f4 of LDM inpainting). ``"linear"`` exists in the reference but no released first stage
         uses it, so it is not implemented.
     """
-    if attn_type == "vanilla":
+    if attn_type in ("vanilla", "vanilla-xformers"):  # same keys; xformers is a kernel choice, not math
         return AttnBlock(in_channels)
     if attn_type == "none":
         return nn.Identity()

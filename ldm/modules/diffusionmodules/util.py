@@ -23,7 +23,8 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     ``"linear"`` is the reference's name, but it is linear in sqrt(beta), i.e. quadratic in beta
     (diffusers calls it ``scaled_linear``): ``betas = linspace(sqrt(start), sqrt(end), n)**2``.
     ``"cosine"`` is Nichol & Dhariwal (2021), clipped at 0.999. ``"sqrt_linear"`` is linear in beta,
-    ``"sqrt"`` its square root.
+    ``"sqrt"`` its square root. ``"squaredcos_cap_v2"`` (the unCLIP noise augmentation) is
+    ``1 − ᾱ(t+1/n)/ᾱ(t)`` with ``ᾱ(t) = cos((t + 0.008)/1.008·π/2)²``, capped at 0.999.
 
     :raises ValueError: for an unknown schedule name.
     """
@@ -38,8 +39,12 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
         betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
         betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
+    elif schedule == "squaredcos_cap_v2":  # Karlo / unCLIP: betas_for_alpha_bar, max_beta 0.999
+        alpha_bar = [math.cos((i / n_timestep + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n_timestep + 1)]
+        return np.array([min(1 - alpha_bar[i + 1] / alpha_bar[i], 0.999) for i in range(n_timestep)])
     else:
-        raise ValueError(f"unknown beta schedule {schedule!r}; use one of linear, cosine, sqrt_linear, sqrt")
+        raise ValueError(f"unknown beta schedule {schedule!r}; use one of linear, cosine, sqrt_linear, sqrt, "
+                         "squaredcos_cap_v2")
     return betas.numpy()
 
 

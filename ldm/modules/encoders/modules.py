@@ -4,8 +4,10 @@
 offline from the files bundled in ``clip-vit-large-patch14/``; its weights come from the SD
 checkpoint (``cond_stage_model.transformer.text_model.*``). ``FrozenOpenCLIPEmbedder`` is the SD 2
 text encoder: the same BPE files in open_clip's dialect and the OpenCLIP ViT-H/14 text tower
-(``cond_stage_model.model.*``). The other class names of the reference module are kept so that
-configs naming them fail with a clear message instead of an import error.
+(``cond_stage_model.model.*``). ``FrozenOpenCLIPImageEmbedder`` / ``ClipImageEmbedder`` are the
+Stable unCLIP-H / -L image embedders (``embedder.model.*``), ``CLIPEmbeddingNoiseAugmentation`` its
+noise augmentor (importable here, the configs' path). The other class names of the reference
+module are kept so that configs naming them fail with a clear message instead of an import error.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.encoders.clip import CLIPTextConfig, CLIPTextModel
-from ldm.modules.encoders.open_clip import OpenCLIPTextTransformer, open_clip_text_config
+from ldm.modules.diffusionmodules.noise_augmentation import CLIPEmbeddingNoiseAugmentation  # noqa: F401  (config path)
+from ldm.modules.encoders.image_preprocess import clip_preprocess
+from ldm.modules.encoders.open_clip import (OPENAI_VIT_L14, OpenCLIPImageModel, OpenCLIPTextTransformer,
+                                            open_clip_text_config, open_clip_vision_config)
 from ldm.modules.encoders.tokenizer import BUNDLED_TOKENIZER_DIR, OPEN_CLIP, CLIPTokenizer, TokenizedBatch
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,12 @@ class AbstractEncoder(nn.Module):
 
     def encode(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients (the encoder is never trained here)."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
 
 
 class ClassEmbedder(nn.Module):
@@ -116,12 +127,6 @@ class _FrozenTextEncoder(AbstractEncoder):
 
     def _token_embedding(self) -> nn.Embedding:
         raise NotImplementedError
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients (the encoder is never trained here)."""
-        self.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     @property
     def device(self) -> torch.device:
@@ -246,6 +251,59 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         return self.model(tokens, skip_last=self.layer_idx)
 
 
+class FrozenOpenCLIPImageEmbedder(AbstractEncoder):
+    """OpenCLIP image encoder (Stable unCLIP-H): images in [-1, 1] -> ``[B, embed_dim]`` embeddings.
+
+    ``model`` is an ``open_clip`` ``CLIP`` without its text transformer (``embedder.model.*``);
+    the embedding is ``model.visual`` of the preprocessed image (:func:`clip_preprocess`: kornia's
+    antialiased bicubic resize to 224, the CLIP mean/std): ``ln_post`` of the class token ``@ proj``,
+    not L2-normalised.
+
+    :param arch: ``"ViT-H-14"`` or an arch registered with a ``vision_cfg``.
+    :param version: / ``device`` / ``max_length``: accepted for config compatibility, not used (the
+        weights come from the checkpoint; move the module with ``.to()``).
+    :param layer: ``"pooled"`` only (the reference raises on anything else too).
+    :param antialias: blur before a downscale (kornia's ``antialias``).
+    :param ucg_rate: training-time embedding dropout (zeroes whole embeddings); not applied in eval.
+    """
+
+    def __init__(self, arch: str = "ViT-H-14", version: str | None = "laion2b_s32b_b79k", device: Any = None,
+                 max_length: int = 77, freeze: bool = True, layer: str = "pooled", antialias: bool = True,
+                 ucg_rate: float = 0.0):
+        super().__init__()
+        if layer != "pooled":
+            raise ValueError(f"FrozenOpenCLIPImageEmbedder supports layer='pooled' only, got {layer!r}")
+        vision = open_clip_vision_config(arch)
+        self.model = OpenCLIPImageModel(open_clip_text_config(arch), vision)
+        self.arch, self.layer, self.antialias, self.ucg_rate = arch, layer, antialias, ucg_rate
+        self.image_size = vision.image_size
+        self.max_length = max_length
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.proj.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> ``[B, 3, 224, 224]``, CLIP-normalised (float32 math)."""
+        return clip_preprocess(x.float(), self.image_size, self.antialias)
+
+    def forward(self, image: torch.Tensor, no_dropout: bool = False) -> torch.Tensor:
+        """:param image: ``[B, 3, H, W]`` in [-1, 1]. :returns: ``[B, embed_dim]``."""
+        z = self.encode_with_vision_transformer(image)
+        if self.training and self.ucg_rate > 0.0 and not no_dropout:
+            z = torch.bernoulli((1.0 - self.ucg_rate) * torch.ones(z.shape[0], device=z.device))[:, None] * z
+        return z
+
+    def encode_with_vision_transformer(self, image: torch.Tensor) -> torch.Tensor:
+        pixels = self.preprocess(image.to(self.device))
+        return self.model.visual(pixels.to(self.model.visual.proj.dtype))
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self(image)
+
+
 class _NotProvided(AbstractEncoder):
     """A class name of the reference kept so that configs naming it fail clearly."""
 
@@ -283,3 +341,29 @@ class FrozenT5Embedder(_NotProvided):
 
 class FrozenCLIPT5Encoder(_NotProvided):
     missing = "it needs a T5 encoder and tokenizer, which this package does not include"
+
+
+class FrozenOpenCLIPImageEmbedderV2(_NotProvided):
+    missing = ("it returns the image tower's token sequence (no released SD 2 config uses it); "
+               "see FrozenOpenCLIPImageEmbedder")
+
+
+class ClipImageEmbedder(FrozenOpenCLIPImageEmbedder):
+    """openai CLIP image encoder (Stable unCLIP-L): images in [-1, 1] -> ``[B, 768]`` embeddings.
+
+    ``model`` is the whole openai CLIP ViT-L/14 (``embedder.model.*``, text tower included and
+    unused); the embedding is its ``encode_image`` of the same preprocessing as
+    :class:`FrozenOpenCLIPImageEmbedder`. :param model: ``"ViT-L/14"`` only; ``jit`` / ``device``:
+    accepted for config compatibility, not used (nothing is downloaded: the weights come from the
+    checkpoint)."""
+
+    def __init__(self, model: str = "ViT-L/14", jit: bool = False, device: Any = None, antialias: bool = True,
+                 ucg_rate: float = 0.0):
+        AbstractEncoder.__init__(self)
+        if model != "ViT-L/14":
+            raise ValueError(f"ClipImageEmbedder knows the openai CLIP 'ViT-L/14' only, got {model!r}")
+        text, vision = OPENAI_VIT_L14
+        self.model = OpenCLIPImageModel(text, vision, openai=True)
+        self.arch, self.layer, self.antialias, self.ucg_rate = model, "pooled", antialias, ucg_rate
+        self.image_size, self.max_length = vision.image_size, text.context_length
+        self.freeze()

@@ -1,4 +1,5 @@
-"""OpenCLIP text tower (SD 2.x ``ViT-H-14``, SDXL ``ViT-bigG-14``), without ``open_clip``.
+"""OpenCLIP text tower (SD 2.x ``ViT-H-14``, SDXL ``ViT-bigG-14``) and image tower (Stable unCLIP's
+image embedder, :class:`OpenCLIPImageModel`), without ``open_clip``.
 
 Attribute names equal the keys of the official checkpoints, which hold an ``open_clip`` 2.x ``CLIP``
 model with its visual tower deleted (``cond_stage_model.model.*``): ``positional_embedding``,
@@ -50,6 +51,40 @@ class OpenCLIPTextConfig:
         return int(self.width * self.mlp_ratio)  # as open_clip
 
 
+@dataclass(frozen=True)
+class OpenCLIPVisionConfig:
+    """Image tower hyper-parameters (``open_clip`` ``vision_cfg`` names; ``output_dim`` is the
+    model's ``embed_dim``). Defaults are ViT-H-14's image tower (Stable unCLIP-H's embedder)."""
+
+    width: int = 1280
+    layers: int = 32
+    head_width: int = 80
+    patch_size: int = 14
+    image_size: int = 224
+    mlp_ratio: float = 4.0
+    output_dim: int = 1024
+    act: str = "gelu"
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_width
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+_VISION_CFG_KEYS = {"image_size", "layers", "width", "head_width", "patch_size", "mlp_ratio"}
+_VISION_ARCHS: dict[str, Any] = {"ViT-H-14": OpenCLIPVisionConfig()}
+
+#: openai CLIP ViT-L/14 (``clip.load("ViT-L/14")``, unCLIP-L's image embedder): text and image towers.
+OPENAI_VIT_L14 = (OpenCLIPTextConfig(width=768, heads=12, layers=12, embed_dim=768, act="quick_gelu"),
+                  OpenCLIPVisionConfig(width=1024, layers=24, head_width=64, output_dim=768, act="quick_gelu"))
+
 _ARCHS: dict[str, OpenCLIPTextConfig] = {
     "ViT-H-14": OpenCLIPTextConfig(),
     "ViT-bigG-14": OpenCLIPTextConfig(width=1280, heads=20, layers=32, embed_dim=1280),
@@ -66,9 +101,10 @@ def known_open_clip_archs() -> list[str]:
 def register_open_clip_arch(name: str, cfg: Mapping[str, Any]) -> OpenCLIPTextConfig:
     """Add (or replace) an arch from an ``open_clip`` model config (its JSON as a dict).
 
-    Only ``embed_dim``, ``quick_gelu`` and ``text_cfg`` are read; ``vision_cfg`` is ignored (no
-    image tower here). Keys that would change the text tower in ways not written here
-    (``custom_text``, Hugging Face text towers, layer scale, ...) are a ``ValueError``.
+    ``embed_dim``, ``quick_gelu`` and ``text_cfg`` are read now; ``vision_cfg`` is kept and checked
+    when an image tower is built (:func:`open_clip_vision_config`). Keys that would change the text
+    tower in ways not written here (``custom_text``, Hugging Face text towers, layer scale, ...) are a
+    ``ValueError``.
     :returns: the registered config.
     """
     unknown = sorted(set(cfg) - _TOP_KEYS)
@@ -86,6 +122,30 @@ def register_open_clip_arch(name: str, cfg: Mapping[str, Any]) -> OpenCLIPTextCo
     if config.width % config.heads:
         raise ValueError(f"open_clip arch {name!r}: width {config.width} is not divisible by heads {config.heads}")
     _ARCHS[name] = config
+    # the image tower is checked when one is built (text-only users may register any vision_cfg)
+    _VISION_ARCHS[name] = (dict(cfg.get("vision_cfg") or {}), config.embed_dim, config.act)
+    return config
+
+
+def open_clip_vision_config(arch: str) -> OpenCLIPVisionConfig:
+    """The image-tower config of a built-in or registered arch; ``ValueError`` when it has none or
+    asks for what is not written here (timm towers, layer scale, attentional pooling, ...)."""
+    open_clip_text_config(arch)  # the unknown-arch error
+    entry = _VISION_ARCHS.get(arch)
+    if isinstance(entry, OpenCLIPVisionConfig):
+        return entry
+    if entry is None:
+        raise ValueError(f"open_clip arch {arch!r} has no image tower here; register one with a vision_cfg")
+    vision, embed_dim, act = entry
+    unknown = sorted(set(vision) - _VISION_CFG_KEYS)
+    if unknown or not {"width", "layers", "patch_size", "image_size"} <= set(vision):
+        raise ValueError(f"open_clip arch {arch!r}: the image tower needs vision_cfg width, layers, patch_size "
+                         f"and image_size and reads only {sorted(_VISION_CFG_KEYS)}; unsupported: {unknown}")
+    config = OpenCLIPVisionConfig(output_dim=embed_dim, act=act, **{"head_width": 64, **vision})
+    if config.width % config.head_width or config.image_size % config.patch_size:
+        raise ValueError(f"open_clip arch {arch!r}: width must be a multiple of head_width and image_size of "
+                         "patch_size")
+    _VISION_ARCHS[arch] = config
     return config
 
 
@@ -130,7 +190,7 @@ class OpenCLIPMLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: ``x += attn(ln_1(x)); x += mlp(ln_2(x))`` (the CLIP block's math, open_clip's names)."""
 
-    def __init__(self, config: OpenCLIPTextConfig):
+    def __init__(self, config: OpenCLIPTextConfig | OpenCLIPVisionConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.width)
         self.attn = OpenCLIPAttention(config.width, config.heads)
@@ -142,18 +202,30 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class OpenAIResidualAttentionBlock(ResidualAttentionBlock):
+    """The same block with openai CLIP's registration (``state_dict``) order: attn, ln_1, mlp, ln_2."""
+
+    def __init__(self, config: OpenCLIPTextConfig | OpenCLIPVisionConfig):
+        nn.Module.__init__(self)
+        self.attn = OpenCLIPAttention(config.width, config.heads)
+        self.ln_1 = nn.LayerNorm(config.width)
+        self.mlp = OpenCLIPMLP(config.width, config.mlp_width, config.act)
+        self.ln_2 = nn.LayerNorm(config.width)
+
+
 class OpenCLIPTransformer(nn.Module):
-    def __init__(self, config: OpenCLIPTextConfig):
+    def __init__(self, config: OpenCLIPTextConfig | OpenCLIPVisionConfig, block: type = ResidualAttentionBlock):
         super().__init__()
         self.width, self.layers = config.width, config.layers
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(config) for _ in range(config.layers))
+        self.resblocks = nn.ModuleList(block(config) for _ in range(config.layers))
 
-    def forward(self, x: torch.Tensor, n_blocks: int | None = None) -> list[torch.Tensor]:
-        """:param x: ``[B, L, D]``; :param n_blocks: run only the first ``n_blocks`` (default all).
+    def forward(self, x: torch.Tensor, n_blocks: int | None = None, causal: bool = True) -> list[torch.Tensor]:
+        """:param x: ``[B, L, D]``; :param n_blocks: run only the first ``n_blocks`` (default all);
+        :param causal: the text towers' mask (the image tower attends everywhere).
         :returns: ``[x, out_1, ..., out_n]``, each ``[B, L, D]``."""
         states = [x]
         for block in self.resblocks[:n_blocks]:
-            states.append(block(states[-1], causal=True))
+            states.append(block(states[-1], causal=causal))
         return states
 
 
@@ -199,3 +271,55 @@ class OpenCLIPTextTransformer(nn.Module):
 
         :returns: ``[B, L, width]``."""
         return self.ln_final(self.hidden_states(input_ids, self.config.layers - skip_last)[-1])
+
+
+class OpenCLIPVisionTransformer(nn.Module):
+    """``open_clip`` 2.x ``VisionTransformer`` (the ``visual.*`` keys): patchify with ``conv1`` (no
+    bias), prepend ``class_embedding``, add ``positional_embedding``, ``ln_pre``, the same pre-LN
+    blocks as the text tower without a mask, then ``ln_post`` of the class token ``@ proj``."""
+
+    def __init__(self, config: OpenCLIPVisionConfig, block: type = ResidualAttentionBlock):
+        super().__init__()
+        self.config = config
+        width, scale = config.width, config.width**-0.5
+        self.conv1 = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(config.grid**2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = OpenCLIPTransformer(config, block)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, config.output_dim))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:param pixels: ``[B, 3, image_size, image_size]``, CLIP-normalised.
+        :returns: ``[B, output_dim]`` image embedding (not L2-normalised)."""
+        x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, grid², width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x), causal=False)[-1]
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class OpenCLIPImageModel(nn.Module):
+    """An ``open_clip`` ``CLIP`` after ``del model.transformer`` (Stable unCLIP-H's ``embedder.model.*``):
+    the image tower ``visual`` and the text leftovers (``positional_embedding``, ``text_projection``,
+    ``logit_scale``, ``token_embedding``, ``ln_final``), kept unused so that the files load strictly.
+    With ``openai=True``: the whole openai CLIP (unCLIP-L), its text ``transformer`` included (unused)
+    and every block in openai's key order."""
+
+    def __init__(self, text: OpenCLIPTextConfig, vision: OpenCLIPVisionConfig, openai: bool = False):
+        super().__init__()
+        block = OpenAIResidualAttentionBlock if openai else ResidualAttentionBlock
+        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
+        self.text_projection = nn.Parameter(torch.empty(text.width, text.embed_dim))
+        self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
+        self.visual = OpenCLIPVisionTransformer(vision, block)
+        if openai:
+            self.transformer = OpenCLIPTransformer(text, block)
+        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+        self.ln_final = nn.LayerNorm(text.width)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=text.width**-0.5)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
