@@ -98,3 +98,22 @@ def help_entries(text: str) -> dict:
         else:
             current = None
     return entries
+
+
+def register_tiny_openclip(fixtures: Path) -> None:
+    """Register the SD 2 fixtures' tiny open_clip arch (``ldmtest-tiny-ViT-H-14``, in ``fixtures``)."""
+    import json
+
+    from ldm.modules.encoders.open_clip import register_open_clip_arch
+
+    register_open_clip_arch("ldmtest-tiny-ViT-H-14", json.loads((fixtures / "ldmtest-tiny-ViT-H-14.json").read_text()))
+
+
+def delta_state_dict(delta: Path, base: Path) -> dict:
+    """The full state dict of a delta checkpoint of the SD 2 fixtures (sd2.md, "Delta checkpoints"):
+    its own tensors, the rest from ``base``, in its ``key_order``."""
+    base_sd = torch.load(base, weights_only=True)["state_dict"]
+    ck = torch.load(delta, weights_only=True)
+    assert ck["base_checkpoint"] == base.name
+    return {k: ck["state_dict"][k] if k in ck["state_dict"] else base_sd[k]
+            for k in ck["key_order"] if k in ck["state_dict"] or k in ck["keys_from_base"]}

@@ -12,7 +12,6 @@ the ``crossattn`` route). Tests that need the encoder skip, naming it, where it 
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -23,12 +22,12 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import GuidedModel
 from ldm.models.diffusion.registry import make_sampler
 from tests.conftest import FIXTURES
-from tests.helpers import REPO, Recorder, read_manifest, rel_err, unet_and_diffusers_outputs, unet_block_outputs
+from tests.helpers import (REPO, Recorder, read_manifest, rel_err, unet_and_diffusers_outputs, unet_block_outputs)
+from tests.helpers import register_tiny_openclip as register_tiny_openclip_in
 
 V_TINY_CONFIG = FIXTURES / "sd-v2-v-tiny.yaml"
 V_TINY_CKPT = FIXTURES / "sd-v2-v-tiny-random.ckpt"
 V_TINY_PARITY = FIXTURES / "sd-v2-v-tiny-parity.pt"
-TINY_OPENCLIP = FIXTURES / "ldmtest-tiny-ViT-H-14.json"
 V2_V_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference-v.yaml"
 COND = "cond_stage_model."
 
@@ -45,9 +44,7 @@ def openclip_embedder_missing() -> str:
 
 def register_tiny_openclip() -> None:
     """Register the fixture's tiny open_clip arch (``ldmtest-tiny-ViT-H-14``) with the embedder."""
-    from ldm.modules.encoders.open_clip import register_open_clip_arch
-
-    register_open_clip_arch("ldmtest-tiny-ViT-H-14", json.loads(TINY_OPENCLIP.read_text()))
+    register_tiny_openclip_in(FIXTURES)
 
 
 needs_openclip = pytest.mark.skipif(bool(openclip_embedder_missing()), reason=openclip_embedder_missing() or "ok")

@@ -3,22 +3,20 @@
 defaults (guidance 9, img2img strength 0.8, the SDV2 watermark)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm.metadata import parse_parameters, read_parameters
+from tests.helpers import register_tiny_openclip
 from tests.test_scripts import load_main, restore_logging  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def v2_files(spec_dir):
-    from ldm.modules.encoders.open_clip import register_open_clip_arch
-
     fixtures = spec_dir / "fixtures"
-    register_open_clip_arch("ldmtest-tiny-ViT-H-14", json.loads((fixtures / "ldmtest-tiny-ViT-H-14.json").read_text()))
+    register_tiny_openclip(fixtures)
     return fixtures / "sd-v2-v-tiny.yaml", fixtures / "sd-v2-v-tiny-random.ckpt"
 
 

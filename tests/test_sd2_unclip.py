@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import instantiate_on_meta, load_model_from_config
 from ldm.models.diffusion.registry import make_sampler
 from tests.conftest import FIXTURES
-from tests.helpers import REPO, Recorder, read_manifest, rel_err
+from tests.helpers import REPO, Recorder, delta_state_dict, read_manifest, rel_err
+from tests.helpers import register_tiny_openclip as register_tiny_openclip_in
 
 UNCLIP_H_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-1-stable-unclip-h-inference.yaml"
 UNCLIP_L_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-1-stable-unclip-l-inference.yaml"
@@ -28,19 +29,11 @@ BASE_CKPT = FIXTURES / "sd-v2-v-tiny-random.ckpt"
 
 
 def tiny_state_dict() -> dict:
-    """The full state_dict of the delta checkpoint (sd2.md, "Delta checkpoints")."""
-    base = torch.load(BASE_CKPT, weights_only=True)["state_dict"]
-    ck = torch.load(TINY_CKPT, weights_only=True)
-    assert ck["base_checkpoint"] == BASE_CKPT.name
-    return {k: ck["state_dict"][k] if k in ck["state_dict"] else base[k]
-            for k in ck["key_order"] if k in ck["state_dict"] or k in ck["keys_from_base"]}
+    return delta_state_dict(TINY_CKPT, BASE_CKPT)
 
 
 def register_tiny_openclip() -> None:
-    from ldm.modules.encoders.open_clip import register_open_clip_arch
-
-    register_open_clip_arch("ldmtest-tiny-ViT-H-14",
-                            json.loads((FIXTURES / "ldmtest-tiny-ViT-H-14.json").read_text()))
+    register_tiny_openclip_in(FIXTURES)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ The tiny checkpoint is stored as a delta on ``sd-v2-v-tiny-random.ckpt``; it is 
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from ldm.checkpoint import instantiate_on_meta, load_model_from_config
 from ldm.models.diffusion.registry import make_sampler
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from tests.conftest import FIXTURES
-from tests.helpers import REPO, Recorder, help_entries, read_manifest, rel_err
+from tests.helpers import REPO, Recorder, delta_state_dict, help_entries, read_manifest, register_tiny_openclip, rel_err
 from tests.test_scripts import load_main, restore_logging  # noqa: F401  (autouse fixture)
 
 X4_CONFIG = REPO / "configs" / "stable-diffusion" / "x4-upscaling.yaml"
@@ -30,15 +29,10 @@ TINY_CONFIG = FIXTURES / "sd-x4-upscaler-tiny.yaml"
 TINY_DELTA = FIXTURES / "sd-x4-upscaler-tiny-random.ckpt"
 TINY_BASE = FIXTURES / "sd-v2-v-tiny-random.ckpt"
 TINY_PARITY = FIXTURES / "sd-x4-upscaler-tiny-parity.pt"
-TINY_OPENCLIP = FIXTURES / "ldmtest-tiny-ViT-H-14.json"
 
 
 def tiny_state_dict() -> dict:
-    """The full tiny state dict from the delta checkpoint and its base (sd2.md, "Delta checkpoints")."""
-    base = torch.load(TINY_BASE, weights_only=True)["state_dict"]
-    ck = torch.load(TINY_DELTA, weights_only=True)
-    return {k: ck["state_dict"][k] if k in ck["state_dict"] else base[k]
-            for k in ck["key_order"] if k in ck["state_dict"] or k in ck["keys_from_base"]}
+    return delta_state_dict(TINY_DELTA, TINY_BASE)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +44,7 @@ def x4(spec_dir) -> dict:
 @pytest.fixture(scope="module")
 def x4_files(spec_dir, tmp_path_factory):
     """The tiny config and the rebuilt full checkpoint (a file, as the scripts take it)."""
-    from ldm.modules.encoders.open_clip import register_open_clip_arch
-
-    register_open_clip_arch("ldmtest-tiny-ViT-H-14", json.loads(TINY_OPENCLIP.read_text()))
+    register_tiny_openclip(FIXTURES)
     ckpt = tmp_path_factory.mktemp("x4") / "x4-tiny.ckpt"
     torch.save({"state_dict": tiny_state_dict()}, ckpt)
     return TINY_CONFIG, ckpt
