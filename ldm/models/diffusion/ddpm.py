@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.models.diffusion.unclip import ImageEmbeddingConditioning
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.diffusionmodules.util import extract_into_tensor, forward_schedule, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import default, instantiate_from_config
@@ -117,27 +117,19 @@ class DDPM(nn.Module):
             make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end,
                                cosine_s=cosine_s)
         alphas = 1. - betas
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1., alphas_cumprod[:-1])
+        values = forward_schedule(betas)
+        alphas_cumprod, alphas_cumprod_prev = values["alphas_cumprod"], values["alphas_cumprod_prev"]
         self.num_timesteps = int(betas.shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
         posterior_variance = ((1 - self.v_posterior) * betas * (1. - alphas_cumprod_prev) / (1. - alphas_cumprod)
                               + self.v_posterior * betas)
-        values = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1. - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1. - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1. / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1. / alphas_cumprod - 1),
+        values.update({
             # log of the posterior variance clipped because it is 0 at the start of the chain
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1. - alphas_cumprod),
             "posterior_mean_coef2": (1. - alphas_cumprod_prev) * np.sqrt(alphas) / (1. - alphas_cumprod),
-        }
+        })
         for name in SCHEDULE_BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device="cpu"))
         if self.parameterization == "eps":

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.diffusionmodules.util import extract_into_tensor, forward_schedule, make_beta_schedule
 
 __all__ = ["AbstractLowScaleModel", "SimpleImageConcat", "ImageConcatWithNoiseAugmentation", "LOW_SCALE_BUFFERS"]
 
@@ -40,16 +39,9 @@ class AbstractLowScaleModel(nn.Module):
                           linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
         betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end,
                                    cosine_s=cosine_s)
-        alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+        values = forward_schedule(betas)
         self.num_timesteps = int(betas.shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
-        values = {"betas": betas, "alphas_cumprod": alphas_cumprod,
-                  "alphas_cumprod_prev": np.append(1.0, alphas_cumprod[:-1]),
-                  "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-                  "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-                  "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-                  "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-                  "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1)}
         for name in LOW_SCALE_BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device="cpu"))
 

@@ -48,6 +48,22 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     return betas.numpy()
 
 
+def forward_schedule(betas: np.ndarray) -> dict:
+    """The forward-process quantities of a schedule ``betas`` (float64 ``[T]``), each float64 ``[T]``:
+    ``betas``, ``alphas_cumprod`` (ā), ``alphas_cumprod_prev`` (1 then ā[:-1]), ``sqrt_alphas_cumprod``,
+    ``sqrt_one_minus_alphas_cumprod``, ``log_one_minus_alphas_cumprod``, ``sqrt_recip_alphas_cumprod``,
+    ``sqrt_recipm1_alphas_cumprod`` (the reference's buffer names; the diffusion model and the
+    x4 upscaler's noise augmentation both register them)."""
+    alphas_cumprod = np.cumprod(1. - betas, axis=0)
+    return {"betas": betas, "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": np.append(1., alphas_cumprod[:-1]),
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1. - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1. - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1. / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1. / alphas_cumprod - 1)}
+
+
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
     """``a[t]`` for a batch of integer timesteps ``t`` [B], shaped [B, 1, 1, ...] to broadcast
     against a tensor of shape ``x_shape``."""
