@@ -44,3 +44,16 @@ def parity(spec_dir) -> dict:
 @pytest.fixture(scope="session")
 def tiny_ckpt(spec_dir) -> Path:
     return TINY_CKPT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full-size checks; skipped unless SD_RUN_SLOW=1 (see README, Tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SD_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="full-size check; run with SD_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
