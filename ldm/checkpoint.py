@@ -45,8 +45,7 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- reading files
 class _LightningStub:
-    """Stand-in for classes pickled into Lightning checkpoints (callbacks): holds their state,
-    runs nothing."""
+    """Stand-in for classes pickled into Lightning checkpoints (callbacks): holds their state, runs nothing."""
 
     def __setstate__(self, state):
         self.__dict__["_state"] = state
@@ -270,6 +269,9 @@ def resolve_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     missing = [k for k in expected if k not in sd and not _benign_missing(k, optional, has_ema_module)]
     wrong_shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in sd
                    if k in expected and sd[k].shape != expected[k].shape]
+    if missing and not unexpected and not wrong_shape and (lacks := [w for p, w in getattr(  # a whole part absent
+            model, "checkpoint_parts", {}).items() if all(k.startswith(p) for k in missing)]):
+        raise CheckpointError(f"{path} lacks {lacks[0]} ({len(missing)} tensors missing, e.g. {missing[0]})")
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")

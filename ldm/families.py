@@ -29,6 +29,7 @@ METHODS = {
     "inpaint_ldm": ("LDM inpainting (--indir)", "scripts/inpaint.py --indir"),
     "upscale": ("x4 upscaling", "scripts/upscale.py"),
     "variations": ("image variations", "scripts/variations.py"),
+    "depth2img": ("depth-conditioned img2img", "scripts/depth2img.py"),
 }
 
 
@@ -123,6 +124,11 @@ def _is_x4_upscaler(f: ModelFacts) -> bool:
     return f.target.endswith("LatentUpscaleDiffusion") or f.conditioning_key == "hybrid-adm"
 
 
+def _is_depth2img(f: ModelFacts) -> bool:
+    return f.target.endswith("LatentDepth2ImageDiffusion") or (
+        f.conditioning_key == "hybrid" and f.unet_in_channels == f.latent_channels + 1)
+
+
 def _is_unclip(f: ModelFacts) -> bool:
     return f.target.endswith("ImageEmbeddingConditionedLatentDiffusion") or f.conditioning_key == "crossattn-adm"
 
@@ -146,6 +152,10 @@ FAMILIES: tuple = (
            conditioning=("text", "noise-augmented low-resolution image", "noise level"), methods=("upscale",),
            config="configs/stable-diffusion/x4-upscaling.yaml", checkpoint="x4-upscaler-ema.ckpt",
            **{**_SD2, "scale": {"upscale": 9.0}}),
+    Family("sd-v2-depth", "the SD 2 depth-conditioned model (depth2img)", "depth", _is_depth2img,
+           conditioning=("text", "depth map (MiDaS or given)", "init image"), methods=("depth2img",),
+           config="configs/stable-diffusion/v2-midas-inference.yaml", checkpoint="512-depth-ema.ckpt",
+           **{**_SD2, "scale": {"depth2img": 9.0}, "strength": 0.9}),
     Family("sd-v2-unclip", "a Stable unCLIP 2.1 image-variation model", "unclip", _is_unclip,
            conditioning=("text", "noise-augmented CLIP image embedding", "noise level"), methods=("variations",),
            size=(768, 768), config="configs/stable-diffusion/v2-1-stable-unclip-h-inference.yaml",
@@ -247,7 +257,10 @@ def facts_from_state_dict(shapes: Mapping[str, Any]) -> Optional[ModelFacts]:
         return None
     cond = next((target for prefix, target in _COND_STAGE_KEYS if any(k.startswith(prefix) for k in shapes)), "")
     latent, unet_in = int(post_quant[1]), int(unet[1])
-    key = "hybrid" if unet_in == 2 * latent + 1 else "hybrid-adm" if unet_in == latent + 3 else None  # + RGB: x4
+    # + mask + masked image: inpainting; + depth: depth2img; + RGB: x4
+    key = "hybrid" if unet_in in (2 * latent + 1, latent + 1) else "hybrid-adm" if unet_in == latent + 3 else None
+    if key == "hybrid-adm" and not cond:  # + RGB without a text encoder: the LDM bsr_sr model
+        key = "concat"
     if key is None and "model.diffusion_model.label_emb.0.0.weight" in shapes:  # a vector y: unCLIP
         key = "crossattn-adm"
     return ModelFacts(target="", cond_stage=cond, conditioning_key=key, latent_channels=latent,

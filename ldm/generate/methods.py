@@ -7,6 +7,7 @@ line naming the script that runs it.
 """
 from __future__ import annotations
 
+from ldm.generate.depth import Depth2ImgMixin
 from ldm.generate.inpaint_ldm import LDMInpaintMixin
 from ldm.generate.upscale import UpscaleMixin
 from ldm.generate.variations import VariationsMixin
@@ -17,4 +18,5 @@ METHOD_MIXINS = (
     LDMInpaintMixin,
     UpscaleMixin,
     VariationsMixin,
+    Depth2ImgMixin,
 )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ldm.models.diffusion.depth import DepthConditioning
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.models.diffusion.unclip import ImageEmbeddingConditioning
 from ldm.modules.diffusionmodules.util import extract_into_tensor, forward_schedule, make_beta_schedule
@@ -434,3 +435,7 @@ class LatentUpscaleDiffusion(LatentDiffusion):
 
 class ImageEmbeddingConditionedLatentDiffusion(ImageEmbeddingConditioning, LatentDiffusion):
     """Stable unCLIP 2.1: text and a noised CLIP image embedding (``c_adm``); see :mod:`.unclip`."""
+
+
+class LatentDepth2ImageDiffusion(DepthConditioning, LatentDiffusion):
+    """SD 2 depth2img: text and a MiDaS depth map concatenated to the latent (``hybrid``); see :mod:`.depth`."""

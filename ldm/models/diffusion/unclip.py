@@ -51,6 +51,14 @@ class ImageEmbeddingConditioning(nn.Module):
         ``c_adm`` is the bare embedding.
     """
 
+    #: what a checkpoint lacking these keys lacks, for the loader's one-line error (:mod:`ldm.checkpoint`)
+    checkpoint_parts = {
+        "embedder.": "the weights of the CLIP image embedder (embedder.model.*) that Stable unCLIP needs (the "
+                     "reference downloaded them apart: open_clip ViT-H-14 laion2b_s32b_b79k for unCLIP-H, openai "
+                     "ViT-L/14 for unCLIP-L; here they are read from the checkpoint only); use a checkpoint that "
+                     "carries them, or add that image tower's tensors to it under embedder.model.",
+    }
+
     def __init__(self, embedder_config, embedding_key: str = "jpg", embedding_dropout: float = 0.5,
                  freeze_embedder: bool = True, noise_aug_config=None, *args, **kwargs):
         ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", ())
