@@ -4,8 +4,8 @@ setup(
     name="latent-diffusion",
     version="0.1.0",
     description="Stable Diffusion sampling toolkit: loads the original CompVis checkpoints and configs",
-    packages=find_packages(include=["ldm", "ldm.*"]),
-    package_data={"ldm": ["modules/encoders/clip-vit-large-patch14/*"]},
+    packages=find_packages(include=["ldm", "ldm.*", "sgm", "sgm.*"]),
+    package_data={"ldm": ["modules/encoders/clip-vit-large-patch14/*", "data/*.txt"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

@@ -30,6 +30,9 @@ METHODS = {
     "upscale": ("x4 upscaling", "scripts/upscale.py"),
     "variations": ("image variations", "scripts/variations.py"),
     "depth2img": ("depth-conditioned img2img", "scripts/depth2img.py"),
+    "sample_diffusion": ("unconditional sampling", "scripts/sample_diffusion.py"),
+    "sample_class": ("class-conditional sampling", "scripts/sample_class.py"),
+    "superres": ("LDM 4x super-resolution", "scripts/superres.py"),
 }
 
 
@@ -65,8 +68,10 @@ class Family:
         ``"sd-inpaint"`` (text + mask + masked-image latent, 9-channel UNet), ``"ldm-inpaint"``
         (mask + masked image through the first stage, no text), ``"upscale"`` (text + a noise-augmented
         low-resolution image and its noise level, the SD 2 x4 upscaler), ``"unclip"`` (text + a
-        noise-augmented CLIP image embedding, Stable unCLIP), ``"bert"`` (the LDM text model,
-        not runnable yet) or ``"other"``.
+        noise-augmented CLIP image embedding, Stable unCLIP), ``"depth"`` (text + a depth map
+        concatenated to the latent of a noised init image, SD 2 depth2img), ``"uncond"`` (no conditioning,
+        the unconditional LDMs), ``"class"`` (an ImageNet class through a ``ClassEmbedder``),
+        ``"superres"`` (a low-resolution image concatenated to the latent, LDM bsr_sr) or ``"other"``.
     :ivar recognise: ``recognise(facts) -> bool``.
     :ivar conditioning: what the model is conditioned on, e.g. ``("text",)``.
     :ivar methods: pipeline methods that can run it (keys of :data:`METHODS`); scripts follow.
@@ -137,6 +142,26 @@ def _is_text_to_image(f: ModelFacts) -> bool:
     return bool(f.cond_stage) and f.unet_in_channels == f.latent_channels
 
 
+def _is_unconditional(f: ModelFacts) -> bool:
+    return f.cond_stage in ("", "__is_unconditional__") and f.unet_in_channels == f.latent_channels
+
+
+def _is_class_conditional(f: ModelFacts) -> bool:
+    return f.cond_stage.endswith("ClassEmbedder")
+
+
+def _is_ldm_superres(f: ModelFacts) -> bool:
+    """bsr_sr: the low-resolution RGB image concatenated to the latent, no encoder (``nn.Identity``)."""
+    return (f.unet_in_channels == f.latent_channels + 3 and f.conditioning_key in (None, "concat")
+            and (f.cond_stage == "" or f.cond_stage.endswith("Identity")))
+
+
+def _is_sdxl(f: ModelFacts, key: str) -> bool:
+    """An sgm ``DiffusionEngine`` whose conditioner reads ``key`` (``target_size_as_tuple``: the
+    base; ``aesthetic_score``: the refiner)."""
+    return f.target.endswith("DiffusionEngine") and key in f.conditioner_keys
+
+
 def _is_open_clip(f: ModelFacts) -> bool:
     return f.cond_stage.endswith("FrozenOpenCLIPEmbedder")
 
@@ -171,11 +196,20 @@ FAMILIES: tuple = (
     Family("sd-v1-inpainting", "an SD inpainting model", "sd-inpaint", _is_sd_inpainting,
            conditioning=("text", "mask", "masked-image latent"), methods=("inpaint",),
            config="configs/stable-diffusion/v1-inpainting-inference.yaml", checkpoint="sd-v1-5-inpainting.ckpt"),
-    Family("ldm-txt2img", "the LDM text-to-image model (BERT)", "bert", lambda f: "BERT" in f.cond_stage,
-           conditioning=("text",), size=(256, 256),
-           config="configs/latent-diffusion/txt2img-1p4B-eval.yaml", checkpoint="models/ldm/text2img-large/model.ckpt",
-           unsupported="it uses the BERT text encoder of the LDM 1p4B model, which this package cannot run yet; "
-                       "use a Stable Diffusion config and checkpoint"),
+    Family("ldm-txt2img", "an LDM text-to-image model (BERT text encoder)", "txt2img", lambda f: "BERT" in f.cond_stage,
+           conditioning=("text",), methods=("txt2img",), size=(256, 256), scale={"txt2img": 5.0},
+           config="configs/latent-diffusion/txt2img-1p4B-eval.yaml", checkpoint="models/ldm/text2img-large/model.ckpt"),
+    Family("ldm-cin", "a class-conditional ImageNet LDM (cin256-v2, cin256)", "class", _is_class_conditional,
+           conditioning=("ImageNet class",), methods=("sample_class",), size=(256, 256), steps=20,
+           scale={"sample_class": 3.0}, safety_checker=False,
+           config="configs/latent-diffusion/cin256-v2.yaml", checkpoint="models/ldm/cin256-v2/model.ckpt"),
+    Family("ldm-superres", "the LDM 4x super-resolution model (bsr_sr)", "superres", _is_ldm_superres,
+           conditioning=("low-resolution image",), methods=("superres",), size=(256, 256), steps=100,
+           scale={"superres": 1.0}, safety_checker=False,
+           config="models/ldm/bsr_sr/config.yaml", checkpoint="models/ldm/bsr_sr/model.ckpt"),
+    Family("ldm-uncond", "an unconditional LDM (CelebA-HQ, FFHQ, LSUN)", "uncond", _is_unconditional,
+           methods=("sample_diffusion",), size=(256, 256), scale={"sample_diffusion": 1.0}, safety_checker=False,
+           config="models/ldm/lsun_churches256/config.yaml", checkpoint="models/ldm/lsun_churches256/model.ckpt"),
     Family("sd-v2-v", "a Stable Diffusion 2 768-v text-to-image model (v-prediction)", "txt2img",
            lambda f: _is_text_to_image(f) and _is_open_clip(f) and f.parameterization == "v", conditioning=("text",),
            methods=("txt2img", "img2img", "inpaint"), size=(768, 768),
@@ -244,6 +278,7 @@ _COND_STAGE_KEYS = (
     ("cond_stage_model.transformer.text_model.", "ldm.modules.encoders.modules.FrozenCLIPEmbedder"),
     ("cond_stage_model.transformer.attn_layers.", "ldm.modules.encoders.modules.BERTEmbedder"),
     ("cond_stage_model.encoder.", "__is_first_stage__"),
+    ("cond_stage_model.embedding.", "ldm.modules.encoders.modules.ClassEmbedder"),
 )
 
 

@@ -7,8 +7,10 @@ line naming the script that runs it.
 """
 from __future__ import annotations
 
+from ldm.generate.classcond import ClassConditionalMixin
 from ldm.generate.depth import Depth2ImgMixin
 from ldm.generate.inpaint_ldm import LDMInpaintMixin
+from ldm.generate.superres import SuperResMixin
 from ldm.generate.upscale import UpscaleMixin
 from ldm.generate.variations import VariationsMixin
 
@@ -19,4 +21,6 @@ METHOD_MIXINS = (
     UpscaleMixin,
     VariationsMixin,
     Depth2ImgMixin,
+    ClassConditionalMixin,
+    SuperResMixin,
 )

@@ -18,6 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ldm.models.diffusion.depth import DepthConditioning
+from ldm.models.diffusion.split_input import apply_model_split, decode_split, split_active
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.models.diffusion.unclip import ImageEmbeddingConditioning
 from ldm.modules.diffusionmodules.util import extract_into_tensor, forward_schedule, make_beta_schedule
@@ -217,7 +218,7 @@ class DDPM(nn.Module):
         elif not isinstance(cond, dict):
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond if isinstance(cond, list) else [cond]}
-        out = self.model(x_noisy, t, **cond)
+        out = apply_model_split(self, x_noisy, t, cond) if split_active(self) else self.model(x_noisy, t, **cond)
         if isinstance(out, tuple) and not return_ids:
             return out[0]
         return out
@@ -371,6 +372,8 @@ class LatentDiffusion(DDPM):
         if predict_cids:
             raise NotImplementedError("predict_cids is only used by codebook-predicting models, not supported")
         z = (z / self.scale_factor).to(self.first_stage_dtype)
+        if split_active(self):  # the patch-wise mode (split_input.py)
+            return decode_split(self, z, force_not_quantize=force_not_quantize)
         if hasattr(self.first_stage_model, "quantize"):  # VQ first stage
             return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
         return self.first_stage_model.decode(z)
