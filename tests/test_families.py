@@ -37,12 +37,12 @@ def test_a_built_model_gives_the_same_family_and_geometry_as_its_config(path):
     assert describe_model(model).geometry == describe_config(config).geometry
 
 
-def test_the_bert_model_is_known_but_not_runnable():
+def test_the_bert_model_runs_txt2img():
     config = load_config(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")
     config.model.params.cond_stage_config.target = "ldm.modules.encoders.modules.BERTEmbedder"
     family = describe_config(config).family
-    assert family.name == "ldm-txt2img" and family.kind == "bert" and not family.methods
-    assert "BERT" in family.usage_hint()
+    assert family.name == "ldm-txt2img" and family.kind == "txt2img" and family.methods == ("txt2img",)
+    assert family.size == (256, 256) and family.default_scale("txt2img") == 5.0 and not family.unsupported
 
 
 def test_family_table_is_consistent():

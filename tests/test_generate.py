@@ -317,7 +317,7 @@ def test_model_geometry_from_configs():
     assert (ldm_geometry.kind, ldm_geometry.latent_channels, ldm_geometry.factor) == ("ldm-inpaint", 3, 4)
     bert = load_config(TINY_CONFIG)
     bert.model.params.cond_stage_config = {"target": "ldm.modules.encoders.modules.BERTEmbedder"}
-    assert model_geometry(bert).kind == "bert"
+    assert model_geometry(bert).kind == "txt2img"
 
 
 def test_load_config_errors_are_one_line(tmp_path):

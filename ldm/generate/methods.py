@@ -11,6 +11,7 @@ from ldm.generate.classcond import ClassConditionalMixin
 from ldm.generate.depth import Depth2ImgMixin
 from ldm.generate.inpaint_ldm import LDMInpaintMixin
 from ldm.generate.superres import SuperResMixin
+from ldm.generate.unconditional import UnconditionalMixin
 from ldm.generate.upscale import UpscaleMixin
 from ldm.generate.variations import VariationsMixin
 
@@ -18,6 +19,7 @@ __all__ = ["METHOD_MIXINS"]
 
 METHOD_MIXINS = (
     LDMInpaintMixin,
+    UnconditionalMixin,
     UpscaleMixin,
     VariationsMixin,
     Depth2ImgMixin,

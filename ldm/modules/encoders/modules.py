@@ -314,17 +314,7 @@ class _NotProvided(AbstractEncoder):
         raise NotImplementedError(f"{type(self).__name__} is not implemented in this package: {self.missing}")
 
 
-class TransformerEmbedder(_NotProvided):
-    missing = "it needs the x-transformers encoder (ldm.modules.x_transformer), which this package does not include"
-
-
-class BERTTokenizer(_NotProvided):
-    missing = "it needs the bert-base-uncased tokenizer files, which this package does not bundle"
-
-
-class BERTEmbedder(_NotProvided):
-    missing = ("the LDM txt2img-1p4B text encoder needs the bert-base-uncased tokenizer and the x-transformers "
-               "encoder (ldm.modules.x_transformer), neither of which this package includes")
+from ldm.modules.encoders.bert import BERTEmbedder, BERTTokenizer, TransformerEmbedder  # noqa: E402,F401  (config paths)
 
 
 class FrozenCLIPTextEmbedder(_NotProvided):
