@@ -134,12 +134,13 @@ def test_sizes_that_are_multiples_of_8_but_not_64_run(sd):
         sd.txt2img("a red cube", 1, width=70, height=64, steps=2)
 
 
-def test_a_prompt_over_77_tokens_warns_naming_the_dropped_words(sd, caplog):
+def test_a_prompt_over_77_tokens_is_encoded_in_windows(sd, caplog):
     prompt = "a castle " + "very " * 80 + "tall towers"
-    with caplog.at_level(logging.WARNING, logger="ldm.generate"):
+    with caplog.at_level(logging.INFO, logger="ldm.prompts"):
         sd.txt2img(prompt, 3, n=1, **SMALL)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("77 tokens" in w and "tall towers" in w for w in warnings), warnings
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("2 windows of 75 tokens" in m for m in messages), messages  # nothing dropped (tests/test_prompts.py)
+    assert not any("ignored" in m for m in messages), messages
 
 
 # -- img2img ---------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def test_txt2img_prompt_file_from_stdin_with_a_safetensors_checkpoint(tmp_path, 
     assert meta[0]["Sampler"] == "Euler" and "Eta" not in meta[0] and meta[0]["Model"] == "tiny"
 
 
-def test_txt2img_safety_checker_replaces_flagged_images_and_warns_on_long_prompts(tmp_path, tiny_ckpt):
+def test_txt2img_safety_checker_replaces_flagged_images_and_encodes_long_prompts(tmp_path, tiny_ckpt):
     from ldm.safety_checker import placeholder_image
 
     checker = write_checker_folder(tmp_path / "checker", tiny_checker(threshold=-1.5))  # flags everything
@@ -175,7 +175,7 @@ def test_txt2img_safety_checker_replaces_flagged_images_and_warns_on_long_prompt
     proc = run_script("txt2img.py", "--prompt", prompt, "--n_samples", "1", "--safety_checker", checker,
                       "--config", TINY_CONFIG, "--ckpt", tiny_ckpt, "--outdir", out, *SMALL, cwd=tmp_path)
     assert_ok(proc)
-    assert "WARNING" in proc.stderr and "tall towers" in proc.stderr  # the words cut by the 77-token limit
+    assert "long prompt: 2 windows" in proc.stderr and "ignored" not in proc.stderr  # nothing cut at 77 tokens
     assert "flagged by the safety checker" in proc.stderr and "00000.png" in proc.stderr
     saved = out / "samples" / "00000.png"
     np.testing.assert_array_equal(np.asarray(Image.open(saved)), np.asarray(placeholder_image(64, 64)))

@@ -61,6 +61,22 @@ def add_prompt_args(parser: argparse.ArgumentParser, default: Optional[str] = DE
         parser.add_argument("--repeat", type=int, default=1,
                             help="with --from-file: use each prompt of the file this many times in a row (as the "
                                  "SD 2 scripts)")
+    add_personalization_args(parser)
+
+
+def add_personalization_args(parser: argparse.ArgumentParser) -> None:
+    """Prompt syntax, textual-inversion embeddings and LoRAs (:mod:`ldm.prompts`, :mod:`ldm.personalize`)."""
+    parser.add_argument("--prompt_syntax", choices=("a1111", "plain"), default="a1111",
+                        help="a1111: (word) x1.1, [word] /1.1, (word:1.3), \\( for a literal bracket, BREAK starts a "
+                             "new 75-token window, <lora:name:weight> merges a LoRA; plain: the prompt as it is. Either "
+                             "way prompts longer than 75 tokens are encoded in windows of 75")
+    parser.add_argument("--embeddings", type=str, default=None, metavar="DIR",
+                        help="folder of textual-inversion embeddings (A1111 .pt/.safetensors, diffusers "
+                             "learned_embeds.bin/.safetensors); a prompt uses one by its file name")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="merge this LoRA (kohya/A1111 or diffusers/PEFT file) with WEIGHT (default 1); repeatable")
+    parser.add_argument("--lora_dir", type=str, default="models/lora", metavar="DIR",
+                        help="where a prompt's <lora:name:weight> tag finds name.safetensors (.pt, .ckpt, .bin)")
 
 
 def add_output_args(parser: argparse.ArgumentParser, outdir: str) -> None:

@@ -246,6 +246,7 @@ def plan_run(opt: argparse.Namespace, method: str, expected_ckpt: str = SD_CKPT,
     from ldm.devices import resolve_placement
 
     check_sd2_flags(opt)
+    check_personalization(opt)
     config, spec = check_model(opt.config, opt.ckpt, method, expected_ckpt)
     sampler = apply_family_defaults(opt, spec, method)
     if fill_size:
@@ -257,7 +258,32 @@ def plan_run(opt: argparse.Namespace, method: str, expected_ckpt: str = SD_CKPT,
     check_watermark_available()
     checker_folder, safety_status = safety_plan(opt, spec)
     device, dtype = resolve_placement(opt.device, opt.precision)
-    return RunPlan(config, spec, sampler, eta, outdir, device, dtype, checker_folder, safety_status)
+    return RunPlan(config, spec, sampler, eta, outdir, device, dtype, checker_folder, safety_status,
+                   resolve_exact_batches(opt, device))
+
+
+def resolve_exact_batches(opt: argparse.Namespace, device) -> bool:
+    """``--exact_batches`` / ``--fast_batch``, else by device: one image at a time on the CPU (bit-identical
+    per seed; batching gains about 5% there at SD sizes, docs/benchmarks.md), batched on CUDA and MPS."""
+    exact, fast = getattr(opt, "exact_batches", False), getattr(opt, "fast_batch", False)
+    if exact and fast:
+        raise UserInputError("--exact_batches and --fast_batch are opposites; pass only one of them")
+    if exact or fast:
+        return bool(exact)
+    return device.type == "cpu"
+
+
+def check_personalization(opt: argparse.Namespace) -> None:
+    """``--embeddings`` is a folder and every ``--lora PATH[:WEIGHT]`` names a file (read after the model loads)."""
+    from ldm.prompts.parser import parse_lora_spec
+
+    folder = getattr(opt, "embeddings", None)
+    if folder is not None and not Path(folder).is_dir():
+        raise UserInputError(f"--embeddings {folder}: not a folder; give the folder that holds the embedding files")
+    for spec in getattr(opt, "lora", None) or ():
+        path, _ = parse_lora_spec(spec)
+        if not Path(path).is_file():
+            raise UserInputError(f"--lora {spec}: file {path} not found; give PATH[:WEIGHT] of a .safetensors LoRA")
 
 
 def check_sd2_flags(opt: argparse.Namespace) -> None:

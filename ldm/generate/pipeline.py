@@ -26,6 +26,7 @@ from ldm.generate.config import (ModelSpec, check_image_size, checkpoint_family_
 from ldm.generate.inputs import as_list, binary_mask, check_strength, expand_prompts, generators_for, pad_image
 from ldm.generate.methods import METHOD_MIXINS
 from ldm.generate.records import SAFETY_OFF, GenerationError, GenerationResult, ImageRecord, make_result
+from ldm.prompts.conditioner import TextConditioner
 
 __all__ = ["StableDiffusion", "load_safety_checker"]
 
@@ -65,7 +66,8 @@ class StableDiffusion(*METHOD_MIXINS):
         self.safety_checker = safety_checker
         self.safety_status = safety_status
         self.progress = progress
-        self._warned_prompts: set = set()
+        #: the text side: prompt syntax, embeddings, LoRAs (:class:`ldm.prompts.TextConditioner`)
+        self.text = TextConditioner(model)
 
     @classmethod
     def from_files(cls, config: Union[PathLike, Mapping[str, Any]], ckpt: PathLike, *,
@@ -321,32 +323,16 @@ class StableDiffusion(*METHOD_MIXINS):
     def _records(self, mode, prompts, negatives, seeds, sampler, steps, scale, eta, width, height, strength=None):
         return [ImageRecord(mode, p, neg, s, sampler, int(steps), float(scale), int(width), int(height),
                             eta=eta, strength=strength, model_name=self.model_name, model_hash=self.model_hash,
-                            watermark_text=self.spec.family.watermark)
+                            watermark_text=self.spec.family.watermark, extra=dict(self.text.extra))
                 for p, neg, s in zip(prompts, negatives, seeds)]
 
-    def _warn_truncated(self, texts: Sequence[str]) -> None:
-        tokenize = getattr(self.model.cond_stage_model, "tokenize", None)
-        new = [t for t in dict.fromkeys(texts) if t not in self._warned_prompts]
-        if not callable(tokenize) or not new:
-            return
-        self._warned_prompts.update(new)
-        dropped = getattr(tokenize(list(new)), "dropped", None) or []
-        limit = getattr(self.model.cond_stage_model, "max_length", 77)
-        for text, cut in zip(new, dropped):
-            if cut:
-                log.warning("prompt longer than %d tokens, these words are ignored: %r (prompt: %r)", limit, cut,
-                            text if len(text) <= 80 else text[:77] + "...")
-
-    def _text_conditioning(self, prompts: Sequence[str], negatives: Sequence[str], scale: float):
-        """``c`` for the prompts and, when ``scale != 1``, ``uc`` for the negative prompts ("")."""
-        self._warn_truncated(list(prompts) + [n for n in negatives if n])
-        c = self.model.get_learned_conditioning(list(prompts))
-        uc = None
-        if scale != 1.0:
-            uc = self.model.get_learned_conditioning(list(negatives))
-        elif any(negatives):
-            log.warning("the negative prompt has no effect with guidance scale 1")
-        return c, uc
+    def _text_conditioning(self, prompts: Sequence[str], negatives: Sequence[str], scale: float, size=None):
+        """``c`` for the prompts and, when ``scale != 1``, ``uc`` for the negative prompts (""), through
+        :attr:`text` (long and weighted prompts, embeddings, LoRA tags); SDXL: :mod:`ldm.generate.sdxl`
+        (``size`` = ``(height, width)`` of the images)."""
+        if self.kind == "sdxl":
+            return self._sdxl_conditioning(prompts, negatives, scale, size)
+        return self.text(prompts, negatives, scale)
 
     def _sample(self, sampler: str, steps: int, shape, cond, uncond, scale, eta, generators, *, x0=None, mask=None,
                 start_step: int = 0) -> torch.Tensor:

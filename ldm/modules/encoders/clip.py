@@ -255,9 +255,12 @@ class CLIPTextEmbeddings(nn.Module):
                 state_dict[key] = value.long()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """:param input_ids: ``[B, L]`` int64, L <= max_position_embeddings. :returns: ``[B, L, D]``."""
-        return self.token_embedding(input_ids) + self.position_embedding(self.position_ids[:, : input_ids.shape[-1]])
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """:param input_ids: ``[B, L]`` int64, L <= max_position_embeddings.
+        :param token_embeds: ``[B, L, D]`` to use instead of ``token_embedding(input_ids)`` (textual
+            inversion vectors put in place of some rows). :returns: ``[B, L, D]``."""
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding(self.position_ids[:, : input_ids.shape[-1]])
 
 
 class CLIPTextTransformer(nn.Module):
@@ -270,14 +273,15 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> CLIPOutput:
         """:param input_ids: ``[B, L]`` token ids (BOS ... EOS, padded). No padding mask: the
         reference attends to pad tokens (they only ever follow the real ones, so with the causal
-        mask they cannot change earlier positions)."""
+        mask they cannot change earlier positions).
+        :param token_embeds: optional ``[B, L, D]`` token embeddings replacing the lookup of ``input_ids``."""
         if input_ids.shape[-1] > self.config.max_position_embeddings:
             raise ValueError(f"{input_ids.shape[-1]} tokens exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        states = self.encoder(self.embeddings(input_ids), causal=True)
+        states = self.encoder(self.embeddings(input_ids, token_embeds), causal=True)
         last = self.final_layer_norm(states[-1])
         # The first occurrence of the highest id is the first EOS (49407 is the largest id).
         pooled = last[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]
@@ -292,8 +296,8 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
-        return self.text_model(input_ids)
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> CLIPOutput:
+        return self.text_model(input_ids, token_embeds)
 
 
 class CLIPVisionEmbeddings(nn.Module):

@@ -143,6 +143,13 @@ class _FrozenTextEncoder(AbstractEncoder):
     def encode(self, text: str | list[str]) -> torch.Tensor:
         return self(text)
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids -> ``[B, L, D]`` token embeddings (before positions), for textual inversion."""
+        return self._token_embedding()(input_ids.to(self.device))
+
+    # encode_tokens(input_ids [B, L], token_embeds [B, L, D] | None) -> [B, L, D] features, in each
+    # encoder: the window encoder of ldm.prompts (long and weighted prompts) calls it per 75-token window.
+
 
 class FrozenCLIPEmbedder(_FrozenTextEncoder):
     """CLIP text encoder (SD v1): prompts -> ``[B, 77, D]`` token features.
@@ -192,8 +199,10 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
     def forward(self, text: str | list[str]) -> torch.Tensor:
         """:param text: a prompt or a list of B prompts.
         :returns: ``[B, max_length, D]`` (``[B, 1, D]`` for ``layer="pooled"``), dtype of the weights."""
-        tokens = self.tokenize(text).input_ids.to(self.device)
-        out = self.transformer(tokens)
+        return self.encode_tokens(self.tokenize(text).input_ids)
+
+    def encode_tokens(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.transformer(input_ids.to(self.device), token_embeds)
         if self.layer == "last":
             return out.last_hidden_state
         if self.layer == "pooled":
@@ -246,9 +255,12 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         :returns: ``[B, max_length, width]``, dtype of the weights."""
         return self.encode_with_transformer(self.tokenize(text).input_ids.to(self.device))
 
-    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_with_transformer(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The reference's name: ``[B, 77]`` token ids -> ``[B, 77, width]`` features of ``layer``."""
-        return self.model(tokens, skip_last=self.layer_idx)
+        return self.model(tokens, skip_last=self.layer_idx, token_embeds=token_embeds)
+
+    def encode_tokens(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode_with_transformer(input_ids.to(self.device), token_embeds)
 
 
 class FrozenOpenCLIPImageEmbedder(AbstractEncoder):

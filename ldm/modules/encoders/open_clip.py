@@ -257,20 +257,25 @@ class OpenCLIPTextTransformer(nn.Module):
         nn.init.normal_(self.text_projection, std=width**-0.5)
         nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
 
-    def hidden_states(self, input_ids: torch.Tensor, n_blocks: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, n_blocks: int | None = None,
+                      token_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """:param input_ids: ``[B, L]`` int64, ``L <= context_length``.
+        :param token_embeds: optional ``[B, L, width]`` replacing ``token_embedding(input_ids)``
+            (textual inversion vectors in some rows).
         :returns: ``[embeddings, out_1, ..., out_n]`` (no ``ln_final``), each ``[B, L, width]``."""
         n = input_ids.shape[-1]
         if n > self.config.context_length:
             raise ValueError(f"{n} tokens exceed the context length {self.config.context_length}")
-        x = self.token_embedding(input_ids) + self.positional_embedding[:n]
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        x = tokens + self.positional_embedding[:n]
         return self.transformer(x, n_blocks)
 
-    def forward(self, input_ids: torch.Tensor, skip_last: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, skip_last: int = 0,
+                token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """``ln_final`` of the output of all blocks but the last ``skip_last`` (SD 2 "penultimate": 1).
 
         :returns: ``[B, L, width]``."""
-        return self.ln_final(self.hidden_states(input_ids, self.config.layers - skip_last)[-1])
+        return self.ln_final(self.hidden_states(input_ids, self.config.layers - skip_last, token_embeds)[-1])
 
 
 class OpenCLIPVisionTransformer(nn.Module):

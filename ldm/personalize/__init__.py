@@ -1,0 +1,1 @@
+"""Personalization: textual-inversion embeddings (:mod:`.embeddings`) and LoRA (:mod:`.lora`)."""
