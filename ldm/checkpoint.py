@@ -176,8 +176,8 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
             if 8 + n + end > size or end - begin != src.itemsize * math.prod(info["shape"]):
                 raise ValueError(f"tensor {key} lies past the end of the file or has the wrong size")
             entries.append((begin, end, key, src, info["shape"]))
-        def cast(key: str, src: torch.dtype) -> bool:  # the networks' floats; top-level keys are the schedule
-            return src.is_floating_point and src != dtype and "." in key
+        def cast(key: str, src: torch.dtype) -> bool:  # the networks' floats; the schedule and sgm's levels stay
+            return src.is_floating_point and src != dtype and "." in key and key != "denoiser.sigmas"
 
         if not any(cast(key, src) for _, _, key, src, _ in entries):
             return None

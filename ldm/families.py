@@ -48,6 +48,8 @@ class ModelFacts:
     :ivar latent_channels: channels of the first stage's latents.
     :ivar unet_in_channels: channels the UNet takes (latents plus any concatenated conditioning).
     :ivar parameterization: ``"eps"`` or ``"v"``.
+    :ivar conditioner_keys: an sgm ``GeneralConditioner``'s input keys (``txt``,
+        ``original_size_as_tuple``, ..., ``aesthetic_score``); empty for ldm models.
     """
 
     target: str
@@ -56,6 +58,7 @@ class ModelFacts:
     latent_channels: int
     unet_in_channels: int
     parameterization: str = "eps"
+    conditioner_keys: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,16 @@ _SD2 = dict(scale={"txt2img": 9.0, "img2img": 9.0, "inpaint": 9.0}, strength=0.8
 
 #: Every family, most specific first: :func:`family_of` returns the first that recognises a model.
 FAMILIES: tuple = (
+    Family("sdxl-base", "SDXL 1.0 base", "sdxl", lambda f: _is_sdxl(f, "target_size_as_tuple"),
+           conditioning=("text (CLIP-L + OpenCLIP bigG)", "original size", "crop", "target size"),
+           methods=("txt2img", "img2img"), size=(1024, 1024), sampler="dpmpp_2m", steps=50,
+           scale={"txt2img": 6.0, "img2img": 6.0}, watermark="0xB3EC907BB19E",
+           config="configs/inference/sd_xl_base.yaml", checkpoint="checkpoints/sd_xl_base_1.0.safetensors"),
+    Family("sdxl-refiner", "SDXL 1.0 refiner", "sdxl", lambda f: _is_sdxl(f, "aesthetic_score"),
+           conditioning=("text (OpenCLIP bigG)", "original size", "crop", "aesthetic score"),
+           methods=("txt2img", "img2img"), size=(1024, 1024), sampler="dpmpp_2m", steps=50,
+           scale={"txt2img": 6.0, "img2img": 6.0}, strength=0.15, watermark="0xB3EC907BB19E",
+           config="configs/inference/sd_xl_refiner.yaml", checkpoint="checkpoints/sd_xl_refiner_1.0.safetensors"),
     Family("sd-x4-upscaler", "the SD 2 x4 upscaler", "upscale", _is_x4_upscaler,
            conditioning=("text", "noise-augmented low-resolution image", "noise level"), methods=("upscale",),
            config="configs/stable-diffusion/x4-upscaling.yaml", checkpoint="x4-upscaler-ema.ckpt",
@@ -245,13 +258,16 @@ def facts_from_config(config: Mapping[str, Any]) -> ModelFacts:
     cond_stage = config_get(params, "cond_stage_config", default="")
     latent = int(config_get(params, "first_stage_config", "params", "embed_dim",
                             default=config_get(params, "channels", default=4)))
+    sgm_unet_in = config_get(params, "network_config", "params", "in_channels", default=latent)  # sgm's name
+    sgm_keys = tuple(str(e.get("input_key")) for e in config_get(params, "conditioner_config", "params", "emb_models",
+                                                                 default=[]))
     return ModelFacts(
         target=str(config_get(node, "target", default="")),
         cond_stage=str(config_get(cond_stage, "target", default="")) if hasattr(cond_stage, "get") else str(cond_stage),
         conditioning_key=config_get(params, "conditioning_key"),
         latent_channels=latent,
-        unet_in_channels=int(config_get(params, "unet_config", "params", "in_channels", default=latent)),
-        parameterization=str(config_get(params, "parameterization", default="eps")))
+        unet_in_channels=int(config_get(params, "unet_config", "params", "in_channels", default=sgm_unet_in)),
+        parameterization=str(config_get(params, "parameterization", default="eps")), conditioner_keys=sgm_keys)
 
 
 def facts_from_model(model) -> ModelFacts:
@@ -267,9 +283,12 @@ def facts_from_model(model) -> ModelFacts:
         cond_stage = "__is_first_stage__" if cond is first else path(cond)
     latent = int(getattr(first, "embed_dim", getattr(model, "channels", 4)))
     unet = model.model
-    return ModelFacts(target=path(model), cond_stage=cond_stage, conditioning_key=unet.conditioning_key,
+    embedders = getattr(getattr(model, "conditioner", None), "embedders", ())  # sgm
+    return ModelFacts(target=path(model), cond_stage=cond_stage,
+                      conditioning_key=getattr(unet, "conditioning_key", None),
                       latent_channels=latent, unet_in_channels=int(unet.diffusion_model.in_channels),
-                      parameterization=str(getattr(model, "parameterization", "eps")))
+                      parameterization=str(getattr(model, "parameterization", "eps")),
+                      conditioner_keys=tuple(str(getattr(e, "input_key", "")) for e in embedders))
 
 
 #: Key prefixes that tell a checkpoint's conditioning encoder (what ``facts_from_state_dict`` reads).
@@ -298,8 +317,22 @@ def facts_from_state_dict(shapes: Mapping[str, Any]) -> Optional[ModelFacts]:
         key = "concat"
     if key is None and "model.diffusion_model.label_emb.0.0.weight" in shapes:  # a vector y: unCLIP
         key = "crossattn-adm"
+    sgm = next((keys for probe, keys in _SGM_CONDITIONERS if probe in shapes), None)
+    if sgm is not None:
+        return ModelFacts(target="sgm.models.diffusion.DiffusionEngine", cond_stage="sgm.modules.GeneralConditioner",
+                          conditioning_key=None, latent_channels=latent, unet_in_channels=unet_in, conditioner_keys=sgm)
     return ModelFacts(target="", cond_stage=cond, conditioning_key=key, latent_channels=latent,
                       unet_in_channels=unet_in)
+
+
+#: A key of an sgm file -> its conditioner's input keys (SDXL base: CLIP-L + bigG as embedders 0, 1;
+#: the refiner: bigG as embedder 0)
+_SGM_CONDITIONERS = (
+    ("conditioner.embedders.1.model.ln_final.weight",
+     ("txt", "txt", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")),
+    ("conditioner.embedders.0.model.ln_final.weight",
+     ("txt", "original_size_as_tuple", "crop_coords_top_left", "aesthetic_score")),
+)
 
 
 def configure_model(model, family: Family) -> None:

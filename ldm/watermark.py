@@ -7,6 +7,9 @@ order), so the RGB picture is flipped on the way in and out.
 
 ``imwatermark`` and ``cv2`` are imported inside the functions: importing this module is free, and
 a missing package only matters when a watermark is actually written or read.
+
+A text of the form ``0x<hex digits>`` is a raw bit message instead, written in ``bits`` mode:
+SDXL's fixed 48-bit ``0xB3EC907BB19E`` (:data:`SDXL_WATERMARK`), as sgm's ``embed_watermark``.
 """
 from __future__ import annotations
 
@@ -15,13 +18,32 @@ import logging
 import numpy as np
 from PIL import Image
 
-__all__ = ["WATERMARK_TEXT", "WATERMARK_BITS", "can_hold_watermark", "add_watermark", "read_watermark"]
+__all__ = ["WATERMARK_TEXT", "WATERMARK_BITS", "SDXL_WATERMARK", "can_hold_watermark", "add_watermark",
+           "read_watermark", "payload_bits", "has_watermark"]
 
 logger = logging.getLogger(__name__)
 
 WATERMARK_TEXT = "StableDiffusionV1"
 #: Length of the payload in bits (17 bytes), the ``length`` the decoder needs.
 WATERMARK_BITS = 8 * len(WATERMARK_TEXT.encode("utf-8"))  # 136
+
+#: sgm's message for SDXL images (bits mode): 0b101100111110110010010000011110111011000110011110
+SDXL_WATERMARK = "0xB3EC907BB19E"
+
+
+def _bit_message(text: str):
+    """The bits of a ``0x<hex>`` message (4 per digit, most significant first), else None."""
+    if not text.startswith("0x"):
+        return None
+    digits = text[2:]
+    return [int(b) for b in bin(int(digits, 16))[2:].zfill(4 * len(digits))]
+
+
+def payload_bits(text: str) -> int:
+    """Length in bits of the payload ``text`` (a ``0x`` message: 4 per digit; else 8 per UTF-8 byte)."""
+    bits = _bit_message(text)
+    return len(bits) if bits is not None else 8 * len(text.encode("utf-8"))
+
 
 #: ``WatermarkEncoder.encode`` refuses images with fewer pixels than this (its own check).
 _MIN_PIXELS = 256 * 256
@@ -58,11 +80,15 @@ def add_watermark(image: Image.Image, text: str = WATERMARK_TEXT) -> tuple[Image
         too small to hold it (see :func:`can_hold_watermark`); the caller should log that once and
         record it (e.g. ``Watermark: none`` in the PNG parameters).
     """
-    if not can_hold_watermark(image.width, image.height, 8 * len(text.encode("utf-8"))):
+    if not can_hold_watermark(image.width, image.height, payload_bits(text)):
         return image, False
     cv2, WatermarkEncoder, _ = _import()
     encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", text.encode("utf-8"))
+    bits = _bit_message(text)
+    if bits is not None:
+        encoder.set_watermark("bits", bits)
+    else:
+        encoder.set_watermark("bytes", text.encode("utf-8"))
     rgb = np.array(image.convert("RGB") if image.mode != "RGB" else image)
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     bgr = encoder.encode(bgr, "dwtDct")
@@ -89,3 +115,15 @@ def read_watermark(image: Image.Image, length_bits: int = WATERMARK_BITS) -> str
         return payload.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def has_watermark(image: Image.Image, text: str) -> bool:
+    """Whether ``image`` carries the payload ``text`` (a UTF-8 text, or a ``0x`` bit message)."""
+    bits = _bit_message(text)
+    if bits is None:
+        return read_watermark(image, payload_bits(text)) == text
+    if not can_hold_watermark(image.width, image.height, len(bits)):
+        return False
+    cv2, _, WatermarkDecoder = _import()
+    bgr = cv2.cvtColor(np.array(image.convert("RGB") if image.mode != "RGB" else image), cv2.COLOR_RGB2BGR)
+    return [int(b) for b in WatermarkDecoder("bits", len(bits)).decode(bgr, "dwtDct")] == bits

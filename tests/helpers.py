@@ -35,22 +35,24 @@ def load_config(path=TINY_CONFIG, **overrides):
     return cfg
 
 
-def unet_block_outputs(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+def unet_block_outputs(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y=None) -> dict:
     """One UNet call's intermediate tensors by the names the parity fixtures use: ``unet_input``,
     ``time_embed``, ``input_blocks.i``, ``middle_block``, ``output_blocks.i``, and the sinusoidal
-    timestep embedding ``t_emb_sinusoidal``."""
+    timestep embedding ``t_emb_sinusoidal``; with a vector ``y`` (SDXL) also ``label_emb``."""
     from ldm.modules.diffusionmodules.util import timestep_embedding
 
     got = {}
     hooks = [unet.time_embed.register_forward_hook(lambda m, i, o: got.__setitem__("time_embed", o)),
              unet.middle_block.register_forward_hook(lambda m, i, o: got.__setitem__("middle_block", o)),
              unet.register_forward_pre_hook(lambda m, i: got.__setitem__("unet_input", i[0]))]
+    if y is not None:
+        hooks.append(unet.label_emb.register_forward_hook(lambda m, i, o: got.__setitem__("label_emb", o)))
     for group in ("input_blocks", "output_blocks"):
         for i, block in enumerate(getattr(unet, group)):
             hooks.append(block.register_forward_hook(lambda m, inp, o, n=f"{group}.{i}": got.__setitem__(n, o)))
     try:
         with torch.no_grad():
-            unet(x, t, context=context)
+            unet(x, t, context=context, **({} if y is None else {"y": y}))
     finally:
         for h in hooks:
             h.remove()

@@ -254,6 +254,9 @@ def plan_run(opt: argparse.Namespace, method: str, expected_ckpt: str = SD_CKPT,
     eta = sampler_eta(opt, sampler)
     check_batch_args(opt, sampler)
     check_geometry(opt, spec.geometry)
+    from ldm.cli.sdxl import check_sdxl_flags
+
+    check_sdxl_flags(opt, spec, sampler, check_model)
     outdir = check_outdir(opt.outdir)
     check_watermark_available()
     checker_folder, safety_status = safety_plan(opt, spec)

@@ -102,7 +102,8 @@ def describe_config(config: Mapping[str, Any]) -> ModelSpec:
     facts = facts_from_config(node)
     family = family_of(facts)
     ch_mult = config_get(params, "first_stage_config", "params", "ddconfig", "ch_mult", default=[1, 2, 4, 4])
-    unet_mult = config_get(params, "unet_config", "params", "channel_mult", default=[1, 2, 4, 4])
+    unet_mult = config_get(params, "unet_config", "params", "channel_mult",
+                           default=config_get(params, "network_config", "params", "channel_mult", default=[1, 2, 4, 4]))
     geometry = ModelGeometry(family.kind, facts.latent_channels, 2 ** (len(ch_mult) - 1), 2 ** (len(unet_mult) - 1))
     demo = config_get(config, "demo", default=None) if node is not config else None
     return ModelSpec(family, geometry,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ldm.generate.classcond import ClassConditionalMixin
 from ldm.generate.depth import Depth2ImgMixin
 from ldm.generate.inpaint_ldm import LDMInpaintMixin
+from ldm.generate.sdxl import SDXLMixin
 from ldm.generate.superres import SuperResMixin
 from ldm.generate.unconditional import UnconditionalMixin
 from ldm.generate.upscale import UpscaleMixin
@@ -18,6 +19,7 @@ from ldm.generate.variations import VariationsMixin
 __all__ = ["METHOD_MIXINS"]
 
 METHOD_MIXINS = (
+    SDXLMixin,
     LDMInpaintMixin,
     UnconditionalMixin,
     UpscaleMixin,

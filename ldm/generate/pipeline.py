@@ -172,10 +172,10 @@ class StableDiffusion(*METHOD_MIXINS):
         prompts, seeds = expand_prompts(prompts, seeds, n)
         negatives = as_list(negative_prompt, len(prompts), "negative prompt")
         self.check_size(width, height)
-        c, uc = self._text_conditioning(prompts, negatives, scale)
+        c, uc = self._text_conditioning(prompts, negatives, scale, (height, width))
         generators = generators_for(seeds)
         shape = (self.latent_channels, height // self.factor, width // self.factor)
-        z = self._sample(sampler, steps, shape, c, uc, scale, eta, generators)
+        z = self._txt2img_latents(prompts, negatives, sampler, steps, shape, c, uc, scale, eta, generators)
         records = self._records("txt2img", prompts, negatives, seeds, sampler, steps, scale, eta, width, height)
         return self._finish(self.decode(z), records)
 
@@ -202,7 +202,7 @@ class StableDiffusion(*METHOD_MIXINS):
         negatives = as_list(negative_prompt, len(prompts), "negative prompt")
         image = init_image.convert("RGB") if init_image.mode != "RGB" else init_image
         self.check_size(*image.size)
-        c, uc = self._text_conditioning(prompts, negatives, scale)
+        c, uc = self._text_conditioning(prompts, negatives, scale, image.size[::-1])
         generators = generators_for(seeds)
         z0 = self._encode(image, generators)
         if strength == 0:
@@ -335,21 +335,20 @@ class StableDiffusion(*METHOD_MIXINS):
         return self.text(prompts, negatives, scale)
 
     def _sample(self, sampler: str, steps: int, shape, cond, uncond, scale, eta, generators, *, x0=None, mask=None,
-                start_step: int = 0) -> torch.Tensor:
-        from ldm.models.diffusion.registry import make_sampler
-
+                start_step: int = 0, stop_step: Optional[int] = None, x_T=None) -> torch.Tensor:
         multiple = self.spec.geometry.unet_multiple
         if shape[1] % multiple or shape[2] % multiple:
             log.info("latent size %dx%d is not a multiple of %d: padded inside each UNet call", shape[2], shape[1],
                      multiple)
         else:
             multiple = 1
-        engine = make_sampler(sampler, PaddedPerImageModel(self.model, multiple,
-                                                           len(generators) if self.exact_batches else None))
+        engine = self._sampler_for(sampler, PaddedPerImageModel(self.model, multiple,
+                                                                len(generators) if self.exact_batches else None),
+                                   stop_step)
         with self.model.ema_scope():
             z, _ = engine.sample(S=int(steps), batch_size=len(generators), shape=tuple(shape), conditioning=cond,
                                  unconditional_guidance_scale=scale, unconditional_conditioning=uncond, eta=eta,
-                                 x0=x0, mask=mask, start_step=start_step, generator=generators,
+                                 x0=x0, mask=mask, start_step=start_step, generator=generators, x_T=x_T,
                                  verbose=self.progress)
         return z
 

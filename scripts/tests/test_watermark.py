@@ -1,7 +1,7 @@
 """Print the invisible watermark hidden in an image: ``python scripts/tests/test_watermark.py IMAGE``.
 
 Prints the decoded text: the watermark of the model family that made the image
-(``StableDiffusionV1`` for SD v1, ``SDV2`` for SD 2; every text of :data:`ldm.families.FAMILIES` is
+(``StableDiffusionV1`` for SD v1, ``SDV2`` for SD 2, ``0xB3EC907BB19E`` for SDXL; every text of :data:`ldm.families.FAMILIES` is
 tried with its own length), else what 136 bits decode to, or ``null`` when nothing decodes, as the
 reference script did. ``--bits N`` decodes exactly N bits. Exit status 2 with a one-line message
 when the file cannot be used.
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm.errors import UserInputError
     from ldm.families import FAMILIES
     from ldm.image_io import load_image
-    from ldm.watermark import WATERMARK_BITS, can_hold_watermark, read_watermark
+    from ldm.watermark import WATERMARK_BITS, can_hold_watermark, has_watermark, payload_bits, read_watermark
 
     bits = WATERMARK_BITS if args.bits is None else args.bits
     if bits <= 0 or bits % 8:
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {args.image} is {image.width}x{image.height}, too small to carry a watermark", file=sys.stderr)
     if args.bits is None:
         for known in dict.fromkeys(f.watermark for f in FAMILIES):
-            if can_hold_watermark(image.width, image.height, 8 * len(known.encode("utf-8"))) and \
-                    read_watermark(image, 8 * len(known.encode("utf-8"))) == known:
+            if can_hold_watermark(image.width, image.height, payload_bits(known)) and has_watermark(image, known):
                 print(known)
                 return 0
     text = read_watermark(image, bits)

@@ -215,7 +215,8 @@ class UNetModel(nn.Module):
     CPU and in fp16/bf16 when the model is loaded in that dtype (the reference cast the input to
     fp16 and relied on CUDA autocast; on a CPU it failed). SD 2 options: ``num_head_channels``
     (fixed head width 64 with ``legacy: False``: 5/10/20 heads), ``use_linear_in_transformer``
-    (Linear ``proj_in``/``proj_out``), ``context_dim`` 1024. ``num_classes`` is an int
+    (Linear ``proj_in``/``proj_out``), ``context_dim`` 1024. SDXL: ``transformer_depth`` one int or one
+    per level (the middle block takes the last). ``num_classes`` is an int
     (``nn.Embedding``, the x4 upscaler), ``"continuous"`` (``Linear(1, 4·mc)``) or ``"sequential"``
     (``Sequential(Sequential(Linear(adm_in_channels, 4·mc), SiLU, Linear(4·mc, 4·mc)))``, unCLIP);
     the label embedding of ``y`` is added to the timestep embedding. ``spatial_transformer_attn_type``
@@ -264,6 +265,10 @@ class UNetModel(nn.Module):
         if disable_self_attentions is not None and len(disable_self_attentions) != len(channel_mult):
             raise ValueError("disable_self_attentions needs one entry per channel_mult level")
         attention_resolutions = set(attention_resolutions)
+        # SDXL (sgm): one depth per level; the middle block takes the last entry (not the largest)
+        depths = [transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int) else list(transformer_depth)
+        if len(depths) != len(channel_mult):
+            raise ValueError("transformer_depth needs one entry per channel_mult level (or one int)")
 
         self.image_size = image_size
         self.in_channels = in_channels
@@ -304,7 +309,7 @@ class UNetModel(nn.Module):
             if not use_spatial_transformer:
                 return AttentionBlock(ch, use_checkpoint=use_checkpoint, num_heads=heads_for_classic,
                                       num_head_channels=dim_head, use_new_attention_order=use_new_attention_order)
-            return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
+            return SpatialTransformer(ch, heads, dim_head, depth=depths[level], context_dim=context_dim,
                                       disable_self_attn=disable_self_attn, use_linear=use_linear_in_transformer,
                                       use_checkpoint=use_checkpoint)
 
