@@ -56,7 +56,8 @@ class ModelGeometry:
     """Image and latent sizes of a model, and how the pipeline conditions it.
 
     :ivar kind: the family's kind (:attr:`ldm.families.Family.kind`): ``"txt2img"``,
-        ``"sd-inpaint"``, ``"ldm-inpaint"``, ``"bert"`` or ``"other"``.
+        ``"sd-inpaint"``, ``"ldm-inpaint"``, ``"upscale"``, ``"unclip"``, ``"depth"``, ``"sdxl"``,
+        ``"uncond"``, ``"class"``, ``"superres"`` or ``"other"``.
     :ivar latent_channels: ``C`` of the latents.
     :ivar factor: pixels per latent position (``f``: 8 for SD's VAE, 4 for the VQ-f4 model).
     :ivar unet_multiple: the UNet needs latent sides that are multiples of this
