@@ -26,6 +26,8 @@ ours/diffusers) is printed and written into docs/benchmarks.md between the RESUL
     python scripts/benchmark.py                 # CPU, fp32 and bf16 (about 10 minutes on a quiet 2-core machine)
     python scripts/benchmark.py --quick         # 256x256 batch 1, one repeat, no load/PSNR/tiled tests
     python scripts/benchmark.py --device cuda   # fp16, 512x512 batch 1 and 4, 50-step end to end
+    python scripts/benchmark.py --throughput    # batch runs: images/min with 1 and 2 processes (torchrun), demo model
+    python scripts/benchmark.py --family sdxl   # SDXL base UNet step time against diffusers (--sizes, --dtypes)
 """
 from __future__ import annotations
 
@@ -915,11 +917,184 @@ def write_doc(text: str) -> None:
     DOC.write_text(new)
 
 
+# -- --throughput: images per minute of scripts/txt2img.py run as N processes by torchrun ---------------------------
+TP_BEGIN, TP_END = "<!-- BEGIN THROUGHPUT (written by scripts/benchmark.py --throughput) -->", "<!-- END THROUGHPUT -->"
+
+
+def throughput_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmark.py --throughput",
+                                description="Images per minute of a batch run (scripts/txt2img.py --from-file) with "
+                                            "1, 2, ... processes started by torchrun, on the demo model.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu; on cuda one GPU per process)")
+    p.add_argument("--nprocs", default="1,2", help="comma list of process counts (default 1,2)")
+    p.add_argument("--sizes", default="64,256", help="comma list of image sides (default 64,256)")
+    p.add_argument("--images", type=int, default=16, help="images per run (default 16)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
+    p.add_argument("--batch", type=int, default=4, help="--n_samples of each process (default 4)")
+    p.add_argument("--precision", default="auto", help="--precision of the runs (default auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of each process (default: cpu_count / N, so every run uses all cores)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per setting, alternating the process counts; medians are reported (default 2)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    return p.parse_args(argv)
+
+
+def throughput_run(a, nproc: int, size: int, folder: Path, repeat: int) -> dict:
+    """One run; rendering rate from its summary.json (images / the slowest rank's seconds, model
+    loading excluded) and end-to-end rate (images / wall seconds, process start-up included)."""
+    prompts = folder / "prompts.txt"
+    prompts.write_text("".join(f"a photograph of shape {k}\n" for k in range(a.images)))
+    outdir = folder / f"out-{nproc}-{size}-{repeat}"
+    script = [str(REPO / "scripts" / "txt2img.py"), "--from-file", str(prompts), "--outdir", str(outdir),
+              "--n_iter", "1", "--n_samples", str(a.batch), "--ddim_steps", str(a.steps), "--H", str(size), "--W",
+              str(size), "--config", str(REPO / "configs/demo/demo-txt2img.yaml"), "--ckpt",
+              str(REPO / "models/demo/demo.safetensors"), "--device", a.device, "--precision", a.precision,
+              "--skip_grid"]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                             if nproc > 1 else []), *script]
+    threads = a.threads or (max(1, (os.cpu_count() or 1) // nproc) if a.device == "cpu" else 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    session = json.loads((outdir / "summary.json").read_text())["runs"]["0"]["sessions"][-1]
+    slowest = max(r["seconds"] for r in session["per_rank"])
+    done = sum(r["done"] for r in session["per_rank"])
+    return {"nproc": nproc, "size": size, "threads": threads, "images": done,
+            "render_per_min": 60 * done / slowest, "e2e_per_min": 60 * done / wall}
+
+
+def throughput_main(argv) -> int:
+    import tempfile
+
+    import torch
+
+    a = throughput_args(argv)
+    nprocs, sizes = [int(x) for x in a.nprocs.split(",")], [int(x) for x in a.sizes.split(",")]
+    runs: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            for repeat in range(a.repeats):  # A B A B: slow phases of a shared machine hit both sides
+                for nproc in nprocs:
+                    log.info("throughput: %d process(es), %dx%d, %d images (run %d)", nproc, size, size, a.images,
+                             repeat + 1)
+                    runs.setdefault((size, nproc), []).append(throughput_run(a, nproc, size, Path(tmp), repeat))
+    results = [{**r[0], **{k: statistics.median(x[k] for x in r) for k in ("render_per_min", "e2e_per_min")}}
+               for r in runs.values()]
+    lines = ["### Measured: batch-run throughput", "",
+             f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+             f"torch {torch.__version__}, device {a.device}",
+             f"- run: scripts/txt2img.py --from-file ({a.images} prompts), demo model, DDIM {a.steps} steps, "
+             f"--n_samples {a.batch}, --precision {a.precision}, --skip_grid; N processes by torchrun; medians of "
+             f"{a.repeats} runs, alternating "
+             f"(on the CPU each with {a.threads or 'cpu_count / N'} thread(s))", "",
+             "| size | processes | threads each | images/min (rendering) | images/min (end to end) | "
+             "speed-up vs 1 process | efficiency (speed-up / N) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = next(b for b in results if b["size"] == r["size"] and b["nproc"] == min(nprocs))
+        speedup = r["render_per_min"] / base["render_per_min"]
+        lines.append(f"| {r['size']}x{r['size']} | {r['nproc']} | {r['threads']} | {r['render_per_min']:.1f} | "
+                     f"{r['e2e_per_min']:.1f} | {speedup:.2f} | {speedup / r['nproc'] * min(nprocs):.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not a.no_write:
+        old = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+        block = f"{TP_BEGIN}\n{text}{TP_END}"
+        if TP_BEGIN in old and TP_END in old:
+            new = old[:old.index(TP_BEGIN)] + block + old[old.index(TP_END) + len(TP_END):]
+        else:
+            new = old.rstrip() + "\n\n" + block + "\n"
+        DOC.write_text(new)
+        log.info("wrote %s", DOC)
+    return 0
+
+
+def sdxl_main(argv) -> int:
+    """``--family sdxl``: seconds per guided denoising step of the full SDXL base UNet (batch 2 with
+    classifier-free guidance: what a sampler step costs), ours (``sgm`` config, ``DiffusionEngine``'s
+    network) against diffusers' ``UNet2DConditionModel`` as ``StableDiffusionXLPipeline`` calls it
+    (``text_time`` added conditioning), both holding the same random tensors (converted by diffusers'
+    single-file functions, so the weights are shared, not copied), at each size and dtype, alternating."""
+    p = argparse.ArgumentParser(description=sdxl_main.__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="256,512", help="comma list of image sides (default 256,512)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default both)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per side (after one warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import instantiate_on_meta
+    from sgm.modules.encoders.modules import ConcatTimestepEmbedderND
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    config = OmegaConf.load(REPO / "configs" / "inference" / "sd_xl_base.yaml")
+    ours = instantiate_on_meta(config.model.params.network_config)
+    log.info("random weights for the %s-parameter SDXL UNet", f"{sum(v.numel() for v in ours.state_dict().values()):,}")
+    sd = random_state_dict(ours)
+    ckpt = {"model.diffusion_model." + k: v for k, v in sd.items()}
+    dconfig = create_unet_diffusers_config_from_ldm(OmegaConf.to_container(config, resolve=True), ckpt)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**dconfig)
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dconfig), strict=True, assign=True)
+    ours.load_state_dict(sd, assign=True)
+    del ckpt, sd
+    lines = ["| size | dtype | ours s/step | diffusers s/step | ours/diffusers |", "|---|---|---|---|---|"]
+    for name in [d.strip() for d in a.dtypes.split(",")]:
+        dtype = getattr(torch, DTYPES[name])
+        ours.to(dtype).eval(), theirs.to(dtype).eval()
+        for size in [int(v) for v in a.sizes.split(",")]:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dtype)
+            t = torch.tensor([500, 500])
+            context = torch.randn(2, 77, 2048, generator=g).to(dtype)
+            pooled = torch.randn(2, 1280, generator=g).to(dtype)
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2)
+            y = torch.cat([pooled, ConcatTimestepEmbedderND(256)(time_ids).to(dtype)], dim=1)
+            sides = {"ours": lambda: ours(x, timesteps=t, context=context, y=y),
+                     "diffusers": lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs={
+                         "text_embeds": pooled, "time_ids": time_ids.to(dtype)}).sample}
+            times: dict = {"ours": [], "diffusers": []}
+            with torch.inference_mode():
+                for side in sides.values():
+                    side()  # warm-up
+                for _ in range(a.repeats):
+                    for key, side in sides.items():
+                        start = time.perf_counter()
+                        side()
+                        times[key].append(time.perf_counter() - start)
+            o, d = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+            lines.append(f"| {size}x{size} | {name} | {o:.2f} | {d:.2f} | {o / d:.2f} |")
+            log.info(lines[-1])
+    print("\n".join([f"SDXL base UNet, one guided step (batch 2), torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads, median of {a.repeats}", ""] + lines))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child_main(json.loads(argv[1]))
         return 0
+    if "--family" in argv:
+        at = argv.index("--family")
+        if argv[at + 1:at + 2] != ["sdxl"]:
+            print("error: --family takes sdxl (the SD v1 benchmark is the default)", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        return sdxl_main(argv[:at] + argv[at + 2:])
+    if "--throughput" in argv:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        return throughput_main([x for x in argv if x != "--throughput"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

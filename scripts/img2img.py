@@ -10,12 +10,15 @@ content, 0.0 returns it (re-encoded). Every sampler works.
 Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
 its generation parameters (incl. "Denoising strength") and the invisible watermark. Image k of
 the run uses seed + k: re-make one alone with --seed <its seed> --n_samples 1 --n_iter 1.
+OUTDIR/journal.jsonl lists every finished image: --resume finishes an interrupted run; torchrun
+shares the work over processes (see README, "Large batch runs").
 
 Example:
   python scripts/img2img.py --prompt "a fantasy landscape, trending on artstation" --init-img sketch.jpg --strength 0.8
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -32,6 +35,7 @@ def build_parser():
     parser.add_argument("--init-img", dest="init_img", type=str, nargs="?", default=None,
                         help="path to the input image")
     cli.add_output_args(parser, "outputs/img2img-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "img2img", steps_flags=("--ddim_steps", "--steps"), n_samples=2, n_iter=1)
     parser.add_argument("--strength", type=float, default=None,
                         help="how much of the init image is replaced, in [0, 1]: 1.0 destroys all of its "
@@ -71,26 +75,34 @@ def run(opt) -> None:
     plan = cli.plan_run(opt, "img2img")
     if opt.strength is None:
         opt.strength = plan.spec.family.strength
-    if opt.strength > 0:
-        from ldm.models.diffusion.sampling import start_step_for_strength
+    from ldm.models.diffusion.sampling import start_step_for_strength
 
+    if opt.strength > 0:
         start_step_for_strength(opt.steps, opt.strength)  # strength * steps must run at least one step
-    prompts = cli.read_prompts(opt)
     init_image = load_init_image(opt, plan.spec.geometry.factor)
-    data = cli.prompt_batches(opt, prompts)
+
+    def check_job(settings):  # a JSONL line's steps must also run at least one step at this strength
+        if opt.strength > 0:
+            start_step_for_strength(settings["steps"], opt.strength)
+
+    pixels = hashlib.sha256(init_image.tobytes()).hexdigest()
+    job = cli.plan_batch(opt, plan, "img2img", sized=False, check=check_job,
+                         extra={"init_image": f"{init_image.width}x{init_image.height}:{pixels}",
+                                "strength": opt.strength})
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, plan)
+    sd = cli.load_pipeline(opt, plan, job)
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
-    def make_batch(batch_prompts, first_seed):
-        return sd.img2img(batch_prompts, init_image, first_seed, strength=opt.strength,
-                          negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=plan.sampler,
-                          scale=opt.scale, eta=plan.eta)
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.img2img([i.prompt for i in items], init_image, [i.seed for i in items], strength=opt.strength,
+                          negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
+                          scale=s.scale, eta=s.eta)
 
-    cli.generate_all(opt, data, make_batch, writer)
+    cli.run_batch(job, render, writer)
 
 
 def main(argv=None) -> int:

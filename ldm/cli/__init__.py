@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -18,6 +19,7 @@ from ldm.cli.args import *  # noqa: F401,F403
 from ldm.cli.args import EXIT_USER_ERROR
 from ldm.cli.checks import *  # noqa: F401,F403
 from ldm.cli.checks import RunPlan
+from ldm.cli.batch import plan_batch, run_batch  # noqa: F401  (cli.plan_batch / cli.run_batch in the scripts)
 from ldm.errors import UserInputError  # noqa: F401  (cli.UserInputError in the scripts)
 
 log = logging.getLogger("ldm.scripts")
@@ -62,18 +64,31 @@ def generate_all(opt: argparse.Namespace, data: Sequence[list], make_batch: Call
     log.info("your samples are in %s", writer.outdir)
 
 
-def load_pipeline(opt: argparse.Namespace, plan: RunPlan):
-    """The safety checker, then the model, on the device and in the precision of ``plan``."""
+def load_pipeline(opt: argparse.Namespace, plan: RunPlan, job=None):
+    """The safety checker, then the model, on the device and in the precision of ``plan``.
+
+    :param job: the :func:`plan_batch` job of a batch run: its model hash is reused, and the
+        sampler's per-batch progress bars are off when the run shows one bar over all images.
+    """
     from ldm.generate import StableDiffusion, load_safety_checker
 
     checker = None
     if plan.checker_folder is not None:
         log.info("loading the safety checker from %s", plan.checker_folder)
         checker = load_safety_checker(plan.checker_folder, plan.device)
-    return StableDiffusion.from_files(plan.config, opt.ckpt, device=plan.device, precision=plan.dtype,
-                                      use_ema=True if opt.use_ema else None, safety_checker=checker,
-                                      safety_status=plan.safety_status,
-                                      exact_batches=not getattr(opt, "fast_batch", False))
+    exact = plan.exact_batches if plan.exact_batches is not None else not getattr(opt, "fast_batch", False)
+    sd = StableDiffusion.from_files(plan.config, opt.ckpt, device=plan.device, precision=plan.dtype,
+                                    use_ema=True if opt.use_ema else None, safety_checker=checker,
+                                    safety_status=plan.safety_status, exact_batches=exact,
+                                    hash_checkpoint=job is None, progress=job is None or job.sampler_bars)
+    if job is not None:
+        sd.model_hash = job.model_hash
+    sd.text.configure(getattr(opt, "prompt_syntax", None), getattr(opt, "embeddings", None),
+                      getattr(opt, "lora", None) or (), getattr(opt, "lora_dir", None))  # ldm.prompts
+    from ldm.cli.sdxl import attach_sdxl
+
+    attach_sdxl(opt, plan, sd)  # SDXL: micro-conditioning, --refiner
+    return sd
 
 
 def report_saved(paths: Sequence[Path], records: Sequence) -> None:
@@ -127,13 +142,18 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
     """
     opt = parser.parse_args(argv)
     setup_logging()
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: their own images and warnings only
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("ldm.batch").setLevel(logging.INFO)
     try:
         run(opt)
     except Exception as exc:  # noqa: BLE001 - only user errors are handled, everything else is re-raised
         if not _is_user_error(exc):
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        # under torchrun the ranks of a machine hit the same errors: one of them says it
+        if os.environ.get("LOCAL_RANK", "0") == "0" or getattr(exc, "every_rank", False):
+            print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -9,8 +9,8 @@ from ldm.families import get_family
 
 __all__ = ["EXIT_USER_ERROR", "DEFAULT_PROMPT", "SD_CONFIG", "SD_CKPT", "LAION_CONFIG", "LAION_CKPT",
            "LDM_INPAINT_CONFIG", "LDM_INPAINT_CKPT", "SAFETY_CHECKER_DIR", "PRECISION_CHOICES", "SEED_HELP",
-           "HelpFormatter", "make_parser", "add_prompt_args", "add_output_args", "add_sampling_args",
-           "add_size_args", "add_model_args", "add_safety_args"]
+           "HelpFormatter", "make_parser", "add_prompt_args", "add_personalization_args", "add_output_args", "add_sampling_args",
+           "add_size_args", "add_model_args", "add_safety_args", "add_batch_args"]
 
 EXIT_USER_ERROR = 2
 
@@ -57,7 +57,9 @@ def add_prompt_args(parser: argparse.ArgumentParser, default: Optional[str] = DE
     if from_file:
         parser.add_argument("--from-file", dest="from_file", type=str, default=None,
                             help="read prompts from this file, one per line (blank lines skipped; '-' reads "
-                                 "stdin); each prompt gives one image per iteration, --n_samples at a time")
+                                 "stdin); each prompt gives one image per iteration, --n_samples at a time. For "
+                                 "txt2img and img2img a .jsonl file holds one JSON object per line with its own "
+                                 "settings (prompt, negative_prompt, seed, steps, scale, sampler, H, W, n; see README)")
         parser.add_argument("--repeat", type=int, default=1,
                             help="with --from-file: use each prompt of the file this many times in a row (as the "
                                  "SD 2 scripts)")
@@ -119,10 +121,27 @@ def add_sampling_args(parser: argparse.ArgumentParser, method: str, *,
                         help="classifier-free guidance scale: eps = eps(x, negative) + scale * (eps(x, prompt) - "
                              f"eps(x, negative)) (default: the model family's, {sd.default_scale(method)} for {title})")
     parser.add_argument("--seed", type=int, default=seed, help=SEED_HELP)
+    parser.add_argument("--exact_batches", action="store_true",
+                        help="run the networks one image at a time, so that each image is bit-identical to the one "
+                             "its seed gives alone, in any batch and with any number of processes (default: on the "
+                             "CPU, where it costs about 5%% at SD sizes; on CUDA/MPS batches run at once, and an "
+                             "image then differs from its single-image render by float rounding)")
     parser.add_argument("--fast_batch", action="store_true",
-                        help="run each batch through the networks at once: faster on GPUs, but an image then "
-                             "differs by float rounding from the one its seed gives alone (by default images are "
-                             "computed one at a time and are bit-identical)")
+                        help="run each batch through the networks at once (the default on CUDA/MPS; the opposite of "
+                             "--exact_batches): faster on GPUs, but an image then differs by float rounding from the "
+                             "one its seed gives alone")
+    if method in ("txt2img", "img2img"):
+        from ldm.cli.sdxl import add_sdxl_args
+
+        add_sdxl_args(parser, method)
+
+
+def add_batch_args(parser: argparse.ArgumentParser) -> None:
+    """``--resume``: batch runs keep a journal in the output folder (see ldm/batch/journal.py)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="finish the unfinished run in --outdir: images its journal (OUTDIR/journal.jsonl) lists "
+                             "are kept, the others are made; refused when the flags or prompts differ from that "
+                             "run's. Without a journal there, a new run starts")
 
 
 def add_size_args(parser: argparse.ArgumentParser, *, default: Optional[int] = 512, help_extra: str = "") -> None:

@@ -15,8 +15,9 @@ from ldm.errors import UserInputError
 from ldm.families import METHODS
 
 __all__ = ["resolve_sampler", "sampler_eta", "check_positive", "check_batch_args", "read_prompts", "check_outdir",
-           "check_checkpoint", "check_laion400m", "check_model", "check_geometry", "apply_family_defaults",
-           "default_size", "safety_plan", "RunPlan", "plan_run", "check_sd2_flags", "check_watermark_available"]
+           "check_checkpoint", "check_laion400m", "check_bert_vocab", "check_model", "check_geometry", "apply_family_defaults",
+           "default_size", "safety_plan", "RunPlan", "plan_run", "check_sd2_flags", "check_watermark_available",
+           "resolve_exact_batches"]
 
 log = logging.getLogger("ldm.scripts")
 
@@ -79,16 +80,13 @@ def read_prompts(opt: argparse.Namespace) -> list:
             raise UserInputError("the prompts on standard input are not UTF-8 text; send UTF-8") from None
         source = "standard input"
     else:
+        from ldm.batch.jobfile import is_job_file, read_user_text
+
+        if is_job_file(path):  # txt2img/img2img read these through ldm.cli.batch.plan_batch
+            raise UserInputError(f"--from-file {path}: JSONL job files are read by txt2img.py and img2img.py; give "
+                                 "this script a plain text file, one prompt per line")
         p = Path(path)
-        if not p.is_file():
-            raise UserInputError(f"prompt file {p}: {'is a folder' if p.is_dir() else 'file not found'}; "
-                                 "pass --from-file with a text file, one prompt per line")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserInputError(f"prompt file {p} is not UTF-8 text; save it as UTF-8") from None
-        except OSError as exc:
-            raise UserInputError(f"prompt file {p} cannot be read ({exc.strerror or exc})") from None
+        text = read_user_text(p, "prompt file", "a text file, one prompt per line")
         source = str(p)
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -134,18 +132,35 @@ def check_checkpoint(path: Optional[str], expected: str = SD_CKPT) -> Path:
     return p
 
 
-def check_laion400m() -> None:
-    """``--laion400m``: name what is missing, or say that its BERT encoder is not provided."""
+def check_laion400m(opt: argparse.Namespace) -> None:
+    """``--laion400m``: the LAION-400M LDM (text2img-large) at the original scripts' paths becomes
+    ``--config``/``--ckpt`` (as in the SD script); names what is missing."""
     missing = [(path, what) for path, what in
                ((LAION_CONFIG, "the config (txt2img-1p4B-eval.yaml of CompVis/latent-diffusion)"),
                 (LAION_CKPT, "the checkpoint (text2img-large model.ckpt of CompVis/latent-diffusion)"))
                if not Path(path).is_file()]
     if missing:
-        raise UserInputError("--laion400m needs " + " and ".join(f"{what} at {path}" for path, what in missing)
-                             + "; put the file(s) there (and note: this package cannot run that model's BERT "
-                             "text encoder yet)")
-    raise UserInputError(f"--laion400m: found {LAION_CONFIG} and {LAION_CKPT}, but this package cannot run that "
-                         "model's BERT text encoder yet; use a Stable Diffusion checkpoint (--ckpt)")
+        raise UserInputError(f"--laion400m runs {LAION_CONFIG} with {LAION_CKPT}; missing: "
+                             + " and ".join(f"{what} at {path}" for path, what in missing)
+                             + "; put the file(s) there, or pass --config and --ckpt without --laion400m")
+    opt.config, opt.ckpt = LAION_CONFIG, LAION_CKPT
+
+
+def check_bert_vocab(opt: argparse.Namespace, config) -> None:
+    """For a model with the LDM BERT text encoder: find the bert-base-uncased ``vocab.txt``
+    (``--bert_vocab``, else ``models/ldm/text2img-large/vocab.txt``) and write it into ``config``;
+    raises a one-line error naming both places when it is missing. Other models: nothing."""
+    from omegaconf import OmegaConf
+
+    from ldm.modules.encoders.wordpiece import find_bert_vocab
+
+    node = config.model.params.get("cond_stage_config")
+    if not hasattr(node, "get") or "BERTEmbedder" not in str(node.get("target", "")):
+        return
+    if not node.get("params", {}).get("use_tokenizer", True):
+        return
+    path = find_bert_vocab(getattr(opt, "bert_vocab", None) or node.get("params", {}).get("vocab_file"))
+    OmegaConf.update(config, "model.params.cond_stage_config.params.vocab_file", str(path), force_add=True)
 
 
 def check_model(config_path: str, ckpt_path: Optional[str], method: str, expected_ckpt: str = SD_CKPT):
@@ -234,6 +249,7 @@ class RunPlan:
     dtype: Any                    # torch.dtype
     checker_folder: Optional[Path]
     safety_status: str
+    exact_batches: Optional[bool] = None  # resolve_exact_batches: None = the pipeline's default
 
 
 def plan_run(opt: argparse.Namespace, method: str, expected_ckpt: str = SD_CKPT, *,

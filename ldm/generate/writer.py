@@ -25,9 +25,12 @@ class ImageWriter:
 
     ``outdir/samples/00000.png, 00001.png, ...`` and ``outdir/grid-0000.png``; numbers continue
     after what is there and nothing is ever overwritten, also with several runs writing at once
-    (:func:`ldm.image_save.save_numbered`). Every file gets the invisible watermark (images under
-    256x256 cannot hold it: logged once and recorded as ``Watermark: none (too small)``) with the
-    text of its record (its model family's) and the ``parameters`` text of its record.
+    (:func:`ldm.image_save.save_numbered`). Batch runs (:mod:`ldm.batch`) name image ``k`` of a run
+    ``{first + k:05}.png`` instead (:meth:`write` with ``name``), ``first`` fixed when the run
+    starts, and give :meth:`write_grid` its first number. Every file gets the invisible watermark
+    (images under 256x256 cannot hold it: logged once and recorded as ``Watermark: none (too
+    small)``) with the text of its record (its model family's) and the ``parameters`` text of its
+    record.
 
     :param save_samples: write each image (``--skip_save`` turns it off).
     :param save_grid: keep images for :meth:`write_grid` (``--skip_grid`` turns it off).
@@ -55,27 +58,38 @@ class ImageWriter:
         return paths
 
     def write(self, image: Image.Image, record: ImageRecord, folder: PathLike, pattern: str = "{:05}.png",
-              name: Optional[str] = None) -> Path:
+              name: Optional[str] = None, start: Optional[int] = None) -> Path:
         """Watermark ``image``, set ``record.watermark`` and write it with its metadata.
 
         :param name: write ``folder/name`` (``stem-1.png``, ``stem-2.png``, ... when taken) instead
             of the next number of ``pattern``.
+        :param start: the first number of ``pattern`` to try (default: the count of files there).
         """
         from ldm.image_save import save_named, save_numbered
-        from ldm.metadata import pnginfo
 
-        marked, record.watermark = self._watermark(image, record.watermark_text)
-        info = pnginfo(record.parameters())
+        marked, info = self._marked(image, record)
         try:
             if name is None:
-                return save_numbered(marked, folder, pattern, pnginfo=info)
+                return save_numbered(marked, folder, pattern, pnginfo=info, start=start)
             return save_named(marked, folder, name, info)
         except OSError as exc:
             raise UserInputError(f"cannot write into {folder} ({exc.strerror or exc}); pass --outdir with a folder "
                                  "you can write to and that has free space") from None
 
-    def write_grid(self, n_per_row: int) -> Optional[Path]:
-        """Write one grid of every image added so far, ``n_per_row`` per row; None when there are none."""
+    def encode(self, image: Image.Image, record: ImageRecord) -> bytes:
+        """The PNG bytes :meth:`write` writes for ``image`` (watermark and metadata included)."""
+        import io
+
+        marked, info = self._marked(image, record)
+        buffer = io.BytesIO()
+        marked.save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
+
+    def write_grid(self, n_per_row: int, start: Optional[int] = None) -> Optional[Path]:
+        """Write one grid of every image added so far, ``n_per_row`` per row; None when there are none.
+
+        :param start: the first grid number to try (default: the count of files in the folder).
+        """
         from ldm.image_io import make_grid
 
         if not self.save_grid or not self.grid_images:
@@ -88,7 +102,14 @@ class ImageWriter:
         record = ImageRecord(**{**vars(first), "extra": {**first.extra, "Grid": f"{len(self.grid_images)} images"}})
         if any(r.nsfw for r in self.grid_records):
             record.safety = f"{sum(r.nsfw for r in self.grid_records)} image(s) replaced by a placeholder"
-        return self.write(grid, record, self.outdir, "grid-{:04}.png")
+        return self.write(grid, record, self.outdir, "grid-{:04}.png", start=start)
+
+    def _marked(self, image: Image.Image, record: ImageRecord):
+        """``(watermarked image, PNG metadata)``; sets ``record.watermark``."""
+        from ldm.metadata import pnginfo
+
+        marked, record.watermark = self._watermark(image, record.watermark_text)
+        return marked, pnginfo(record.parameters())
 
     def _watermark(self, image: Image.Image, text: str):
         from ldm.watermark import add_watermark
