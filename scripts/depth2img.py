@@ -59,8 +59,7 @@ def run(opt) -> None:
     # -- every check, before any model is loaded
     from ldm.generate.inputs import check_strength
 
-    if not opt.init_img:
-        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    cli.check_init_image(opt)
     if opt.strength is not None:
         check_strength(opt.strength, "--strength")
     plan = cli.plan_run(opt, "depth2img", expected_ckpt=FAMILY.checkpoint)

@@ -66,8 +66,7 @@ def load_init_image(opt, factor: int):
 
 def run(opt) -> None:
     # -- every check, before any model is loaded
-    if not opt.init_img:
-        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    cli.check_init_image(opt)
     from ldm.generate.inputs import check_strength
 
     if opt.strength is not None:

@@ -60,8 +60,7 @@ def run(opt) -> None:
     # -- every check, before any model is loaded
     from ldm.generate.superres import check_patches
 
-    if not opt.init_img:
-        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    cli.check_init_image(opt)
     if opt.scale is not None and opt.scale != 1.0:
         raise cli.UserInputError(f"--scale {opt.scale}: the super-resolution model has no guidance; drop --scale")
     check_patches(opt.patch_size, opt.patch_stride, names=("--patch_size", "--patch_stride"))

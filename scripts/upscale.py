@@ -54,8 +54,7 @@ def run(opt) -> None:
     # -- every check, before any model is loaded
     from ldm.generate.upscale import check_noise_level, check_tile
 
-    if not opt.init_img:
-        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    cli.check_init_image(opt)
     check_noise_level(opt.noise_level, "--noise_level")
     check_tile(opt.vae_tile, "--vae_tile")
     plan = cli.plan_run(opt, "upscale", expected_ckpt=FAMILY.checkpoint)

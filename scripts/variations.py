@@ -53,8 +53,7 @@ def run(opt) -> None:
     # -- every check, before any model is loaded
     from ldm.generate.variations import check_variation_noise_level
 
-    if not opt.init_img:
-        raise cli.UserInputError("no init image given; pass --init-img PATH")
+    cli.check_init_image(opt)
     check_variation_noise_level(opt.noise_level, "--noise_level")
     plan = cli.plan_run(opt, "variations", expected_ckpt=FAMILY.checkpoint, fill_size=True)
     prompts = cli.read_prompts(opt)

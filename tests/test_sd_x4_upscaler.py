@@ -334,6 +334,7 @@ def test_upscale_script_help_lists_every_flag_with_its_default(capsys):
 
 @pytest.mark.parametrize("level", ["400", "-1"])
 def test_upscale_script_refuses_a_noise_level_out_of_range(x4_files, tmp_path, capsys, level):
+    Image.new("RGB", (16, 16)).save(tmp_path / "any.png")
     code = load_main("upscale.py")(["--init-img", str(tmp_path / "any.png"), "--noise_level", level, "--config",
                                     str(x4_files[0]), "--ckpt", str(x4_files[1]), "--outdir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()

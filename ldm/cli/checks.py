@@ -14,7 +14,7 @@ from ldm.cli.args import LAION_CKPT, LAION_CONFIG, SD_CKPT
 from ldm.errors import UserInputError
 from ldm.families import METHODS
 
-__all__ = ["resolve_sampler", "sampler_eta", "check_positive", "check_batch_args", "read_prompts", "check_outdir",
+__all__ = ["resolve_sampler", "sampler_eta", "check_init_image", "check_positive", "check_batch_args", "read_prompts", "check_outdir",
            "check_checkpoint", "check_laion400m", "check_bert_vocab", "check_model", "check_geometry", "apply_family_defaults",
            "default_size", "safety_plan", "RunPlan", "plan_run", "check_sd2_flags", "check_watermark_available",
            "resolve_exact_batches"]
@@ -45,6 +45,17 @@ def sampler_eta(opt: argparse.Namespace, sampler: str) -> Optional[float]:
         raise UserInputError(f"--ddim_eta {opt.ddim_eta} has no meaning for --sampler {sampler} (a deterministic "
                              "sampler); leave it at 0, or use --sampler ddim or euler_a")
     return opt.ddim_eta
+
+
+def check_init_image(opt: argparse.Namespace) -> Path:
+    """``--init-img``: given, and a file (its content is checked when it is read). :returns: its path."""
+    if not opt.init_img:
+        raise UserInputError("no init image given; pass --init-img PATH")
+    path = Path(opt.init_img).expanduser()
+    if not path.is_file():
+        raise UserInputError(f"--init-img {opt.init_img}: {'is a folder' if path.is_dir() else 'file not found'}; "
+                             "pass the path of an image file")
+    return path
 
 
 def check_positive(**values: int) -> None:
