@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Make variations of an image with Stable unCLIP 2.1 (SD 2.1 unCLIP-H), optionally guided by a prompt.
+"""Make variations of an image with Stable unCLIP 2.1 (H or L), optionally guided by a prompt.
+
+For unCLIP-L pass --config configs/stable-diffusion/v2-1-stable-unclip-l-inference.yaml and put
+Karlo's ViT-L-14_stats.th at the config's clip_stats_path (checkpoints/karlo_models/, relative to
+the working directory); unCLIP-H needs no extra file.
 
 A separate script, not an img2img mode: img2img encodes the init image into the latent and
 denoises part of the way, while unCLIP starts from pure noise and is conditioned on the image's CLIP
@@ -13,7 +17,9 @@ Outputs are --W x --H (default 768x768). Every sampler works; the default guidan
 
 Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
 its generation parameters (incl. "Noise level") and the invisible watermark. Image k of the run
-uses seed + k.
+uses seed + k. OUTDIR/journal.jsonl lists every finished image: --resume finishes an interrupted
+run; torchrun shares the work over processes; --from-file takes a prompt list or a JSONL job file
+(see README, "Large batch runs").
 
 Example:
   python scripts/variations.py --init-img photo.jpg --prompt "" --noise_level 0 \\
@@ -40,6 +46,7 @@ def build_parser():
     parser.add_argument("--noise_level", type=int, default=0,
                         help="noise added to the image's CLIP embedding, 0..999 (default 0: none)")
     cli.add_output_args(parser, "outputs/variations-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "variations", steps_flags=("--steps", "--ddim_steps"), n_samples=2, n_iter=1,
                           family=FAMILY.name)
     cli.add_size_args(parser, default=None, help_extra=f" of the outputs (default: the model family's, "
@@ -56,24 +63,25 @@ def run(opt) -> None:
     cli.check_init_image(opt)
     check_variation_noise_level(opt.noise_level, "--noise_level")
     plan = cli.plan_run(opt, "variations", expected_ckpt=FAMILY.checkpoint, fill_size=True)
-    prompts = cli.read_prompts(opt)
     from ldm.image_io import load_image
 
     image = load_image(opt.init_img)
-    data = cli.prompt_batches(opt, prompts)
+    # prompts or a JSONL job file; torchrun's processes; the journal (--noise_level: in the settings)
+    job = cli.plan_batch(opt, plan, "variations", extra={"init_image": cli.image_digest(image)})
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, plan)
+    sd = cli.load_pipeline(opt, plan, job)
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
-    def make_batch(batch_prompts, first_seed):
-        return sd.variations(image, batch_prompts, first_seed, noise_level=opt.noise_level,
-                             negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=plan.sampler,
-                             scale=opt.scale, eta=plan.eta, width=opt.W, height=opt.H)
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.variations(image, [i.prompt for i in items], [i.seed for i in items], noise_level=opt.noise_level,
+                             negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
+                             scale=s.scale, eta=s.eta, width=s.width, height=s.height)
 
-    cli.generate_all(opt, data, make_batch, writer)
+    cli.run_batch(job, render, writer)
 
 
 def main(argv=None) -> int:

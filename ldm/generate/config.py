@@ -154,6 +154,11 @@ def checkpoint_family_hint(ckpt: PathLike, spec: ModelSpec) -> str:
     if facts is None:
         return ""
     found = family_of(facts)
+    if found.name == spec.family.name == "sd-v2-unclip":  # H and L differ in the image embedding's width
+        adm = state_dict.get("model.diffusion_model.label_emb.0.0.weight")
+        which = {1536: ("L", "l"), 2048: ("H", "h")}.get(int(adm.shape[1]) if adm is not None else 0)
+        return (f"the checkpoint is Stable unCLIP-{which[0]} (image embedding and noise level {adm.shape[1]} wide): "
+                f"its config is configs/stable-diffusion/v2-1-stable-unclip-{which[1]}-inference.yaml") if which else ""
     same = {found.name, spec.family.name} <= {"sd-v2", "sd-v2-v"} or found.name == spec.family.name
     if same or found.name == "unknown":
         return ""

@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ldm.errors import UserInputError
 from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
-__all__ = ["Timestep", "CLIPEmbeddingNoiseAugmentation"]
+__all__ = ["Timestep", "CLIPEmbeddingNoiseAugmentation", "ClipStatsNotFoundError"]
 
 
 class Timestep(nn.Module):
@@ -33,20 +34,27 @@ class Timestep(nn.Module):
         return timestep_embedding(t, self.dim)
 
 
+class ClipStatsNotFoundError(UserInputError, FileNotFoundError):
+    """The statistics file a user must bring is missing: one line in the scripts, still a ``FileNotFoundError``."""
+
+
 def load_clip_stats(path, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, std)`` ``[dim]`` each from a ``torch.save``d pair (weights-only load)."""
+    """``(mean, std)`` ``[dim]`` each from a ``torch.save``d pair (weights-only load).
+
+    :raises ClipStatsNotFoundError: no file at ``path``; :raises UserInputError: not such a pair."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ClipStatsNotFoundError(
             f"clip_stats_path {str(path)!r} does not exist: the unCLIP-L noise augmentor normalises the image "
             "embedding with the (mean, std) of Karlo's ViT-L-14_stats.th (checkpoints/karlo_models/ in the "
             "reference); put that file there or set noise_aug_config.params.clip_stats_path")
     stats = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(stats, (tuple, list)) and len(stats) == 2):
-        raise ValueError(f"{path} must hold a (mean, std) pair of tensors, got {type(stats).__name__}")
-    mean, std = (torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in stats)
+        raise UserInputError(f"{path} must hold a (mean, std) pair of tensors, got {type(stats).__name__}")
+    # on the CPU even inside the loaders' meta-device build: a non-persistent buffer is never loaded
+    mean, std = (torch.as_tensor(s, dtype=torch.float32, device="cpu").reshape(-1) for s in stats)
     if mean.numel() != dim or std.numel() != dim:
-        raise ValueError(f"{path}: mean/std have {mean.numel()}/{std.numel()} values, the embedding has {dim}")
+        raise UserInputError(f"{path}: mean/std have {mean.numel()}/{std.numel()} values, the embedding has {dim}")
     return mean, std
 
 
