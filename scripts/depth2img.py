@@ -15,7 +15,9 @@ The init image (any format and colour mode PIL reads) is scaled down to sides th
 
 Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
 its generation parameters (incl. "Denoising strength" and "Depth") and the invisible watermark.
-Image k of the run uses seed + k.
+Image k of the run uses seed + k. OUTDIR/journal.jsonl lists every finished image: --resume
+finishes an interrupted run; torchrun shares the work over processes; --from-file takes a prompt
+list or a JSONL job file (see README, "Large batch runs").
 
 Example:
   python scripts/depth2img.py --init-img room.jpg --prompt "a cozy wooden cabin interior" --strength 0.8 \\
@@ -23,6 +25,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -48,6 +51,7 @@ def build_parser():
                         help="how much of the init image is replaced, in [0, 1]; the depth is kept at any strength "
                              f"(default: the model family's, {FAMILY.strength})")
     cli.add_output_args(parser, "outputs/depth2img-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "depth2img", steps_flags=("--steps", "--ddim_steps"), n_samples=1, n_iter=1, seed=0,
                           family=FAMILY.name)
     cli.add_model_args(parser, config=FAMILY.config, ckpt=FAMILY.checkpoint)
@@ -65,15 +69,14 @@ def run(opt) -> None:
     plan = cli.plan_run(opt, "depth2img", expected_ckpt=FAMILY.checkpoint)
     if opt.strength is None:
         opt.strength = plan.spec.family.strength
-    if opt.strength > 0:
-        from ldm.models.diffusion.sampling import start_step_for_strength
+    from ldm.models.diffusion.sampling import start_step_for_strength
 
+    if opt.strength > 0:
         start_step_for_strength(opt.steps, opt.strength)  # strength * steps must run at least one step
-    prompts = cli.read_prompts(opt)
     from ldm.image_io import load_image, resize_to_multiple
 
     image = resize_to_multiple(load_image(opt.init_img), RESIZE_MULTIPLE)  # logs when it resizes
-    depth_map = None
+    depth_map, depth = None, "MiDaS"
     if opt.depth_map:
         from ldm.generate.depth import depth_map_tensor
 
@@ -81,20 +84,28 @@ def run(opt) -> None:
             depth_map = depth_map_tensor(load_image(opt.depth_map))
         except cli.UserInputError as exc:
             raise cli.UserInputError(f"--depth-map: {exc}") from None
-    data = cli.prompt_batches(opt, prompts)
+        depth = f"{depth_map.shape[-1]}x{depth_map.shape[-2]}:{hashlib.sha256(depth_map.numpy().tobytes()).hexdigest()}"
+
+    def check_job(settings):  # a JSONL line's steps must also run at least one step at this strength
+        if opt.strength > 0:
+            start_step_for_strength(settings["steps"], opt.strength)
+
+    job = cli.plan_batch(opt, plan, "depth2img", sized=False, check=check_job,
+                         extra={"init_image": cli.image_digest(image), "strength": opt.strength, "depth": depth})
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, plan)
+    sd = cli.load_pipeline(opt, plan, job)
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
-    def make_batch(batch_prompts, first_seed):
-        return sd.depth2img(batch_prompts, image, first_seed, strength=opt.strength, depth_map=depth_map,
-                            negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=plan.sampler,
-                            scale=opt.scale, eta=plan.eta)
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.depth2img([i.prompt for i in items], image, [i.seed for i in items], strength=opt.strength,
+                            depth_map=depth_map, negative_prompt=[i.negative_prompt for i in items], steps=s.steps,
+                            sampler=s.sampler, scale=s.scale, eta=s.eta)
 
-    cli.generate_all(opt, data, make_batch, writer)
+    cli.run_batch(job, render, writer)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -84,10 +83,8 @@ def run(opt) -> None:
         if opt.strength > 0:
             start_step_for_strength(settings["steps"], opt.strength)
 
-    pixels = hashlib.sha256(init_image.tobytes()).hexdigest()
     job = cli.plan_batch(opt, plan, "img2img", sized=False, check=check_job,
-                         extra={"init_image": f"{init_image.width}x{init_image.height}:{pixels}",
-                                "strength": opt.strength})
+                         extra={"init_image": cli.image_digest(init_image), "strength": opt.strength})
 
     # -- the run
     from ldm.generate import ImageWriter

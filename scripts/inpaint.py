@@ -9,6 +9,9 @@ Two modes:
     (--config configs/stable-diffusion/v1-inpainting-inference.yaml --ckpt sd-v1-5-inpainting.ckpt)
     or with any ordinary SD checkpoint (the txt2img defaults); writes OUTDIR/samples/00000.png, ...
     and a grid. Image k of the run uses seed + k (re-make one alone with --seed <its seed> --n_samples 1).
+    OUTDIR/journal.jsonl lists every finished image: --resume finishes an interrupted run; torchrun
+    shares the work over processes; --from-file takes a prompt list or a JSONL job file (see README,
+    "Large batch runs"). The LDM mode keeps the original's names (OUTDIR/NAME.png) and has none of this.
 
 Masks: white (gray >= 128) means repaint, black means keep; the mask must have the image's size.
 Every image carries its generation parameters and the invisible watermark.
@@ -19,6 +22,8 @@ Examples:
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +44,7 @@ def build_parser():
                         help="text-guided mode: the mask, same size as the image; white = repaint")
     cli.add_prompt_args(parser, default="")
     cli.add_output_args(parser, "outputs/inpainting-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "inpaint", steps_flags=("--steps", "--ddim_steps"), n_samples=1, n_iter=1)
     cli.add_model_args(parser, config=None, ckpt=None,
                        config_help=f"model config (default: {cli.LDM_INPAINT_CONFIG} with --indir, "
@@ -85,6 +91,9 @@ def run(opt) -> None:
         raise cli.UserInputError("pass --indir DIR (LDM inpainting of NAME.png/NAME_mask.png pairs) or "
                                  "--init-img IMAGE --mask MASK --prompt TEXT (text-guided inpainting)")
     if ldm_mode:
+        if opt.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise cli.UserInputError("the LDM mode (--indir) writes OUTDIR/NAME.png per input in one process and "
+                                     "keeps no journal: drop --resume and run it without torchrun")
         opt.config = opt.config or cli.LDM_INPAINT_CONFIG
         opt.ckpt = opt.ckpt or cli.LDM_INPAINT_CKPT
         plan = cli.plan_run(opt, "inpaint_ldm", expected_ckpt=cli.LDM_INPAINT_CKPT)
@@ -92,35 +101,46 @@ def run(opt) -> None:
         if opt.prompt or opt.negative_prompt or opt.from_file:
             cli.log.warning("the LDM inpainting model takes no text: --prompt/--negative_prompt/--from-file "
                             "are ignored")
-    else:
-        opt.config = opt.config or cli.SD_CONFIG
-        opt.ckpt = opt.ckpt or cli.SD_CKPT
-        plan = cli.plan_run(opt, "inpaint")
-        image, mask = load_pair(opt.init_img, opt.mask)
-        prompts = cli.read_prompts(opt)
-        data = cli.prompt_batches(opt, prompts)
-    outdir = plan.outdir
+        return inpaint_folder(opt, plan, inputs)
+    opt.config = opt.config or cli.SD_CONFIG
+    opt.ckpt = opt.ckpt or cli.SD_CKPT
+    plan = cli.plan_run(opt, "inpaint")
+    image, mask = load_pair(opt.init_img, opt.mask)
+    from ldm.generate.inputs import binary_mask
+
+    repaint = binary_mask(mask)  # what the pipeline repaints: its hash goes into the settings
+    mask_digest = f"{repaint.shape[1]}x{repaint.shape[0]}:{hashlib.sha256(repaint.tobytes()).hexdigest()}"
+    # prompts or a JSONL job file; torchrun's processes; the journal
+    job = cli.plan_batch(opt, plan, "inpaint", sized=False,
+                         extra={"init_image": cli.image_digest(image), "mask": mask_digest})
 
     # -- the run
     from ldm.generate import ImageWriter
 
+    sd = cli.load_pipeline(opt, plan, job)
+    writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
+
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.inpaint([i.prompt for i in items], image, mask, [i.seed for i in items],
+                          negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
+                          scale=s.scale, eta=s.eta)
+
+    cli.run_batch(job, render, writer)
+
+
+def inpaint_folder(opt, plan, inputs) -> None:
+    """The LDM mode: each input pair once, written as OUTDIR/NAME.png (the original's layout; no
+    journal: names come from the inputs, not from item indices)."""
+    from ldm.generate import ImageWriter
+
     sd = cli.load_pipeline(opt, plan)
-    if ldm_mode:
-        writer = ImageWriter(outdir, sample_dir=None, save_grid=False)
-        for k, (image_path, image, mask) in enumerate(inputs):
-            result = sd.inpaint_ldm(image, mask, opt.seed + k, steps=opt.steps, sampler=plan.sampler, eta=plan.eta)
-            path = writer.write(result.images[0], result.records[0], outdir, name=Path(image_path).name)
-            cli.report_saved([path], result.records)
-        cli.log.info("your results are in %s", outdir)
-        return
-
-    writer = ImageWriter(outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
-
-    def make_batch(batch_prompts, first_seed):
-        return sd.inpaint(batch_prompts, image, mask, first_seed, negative_prompt=opt.negative_prompt,
-                          steps=opt.steps, sampler=plan.sampler, scale=opt.scale, eta=plan.eta)
-
-    cli.generate_all(opt, data, make_batch, writer)
+    writer = ImageWriter(plan.outdir, sample_dir=None, save_grid=False)
+    for k, (image_path, image, mask) in enumerate(inputs):
+        result = sd.inpaint_ldm(image, mask, opt.seed + k, steps=opt.steps, sampler=plan.sampler, eta=plan.eta)
+        path = writer.write(result.images[0], result.records[0], plan.outdir, name=Path(image_path).name)
+        cli.report_saved([path], result.records)
+    cli.log.info("your results are in %s", plan.outdir)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,9 @@ match exactly one class. The older cin256 (VQ-f8) model has no null class and sa
 
 Writes OUTDIR/samples/00000.png, ... (--n_samples per class and iteration) and OUTDIR/grid-0000.png
 (one row per class), nothing overwritten, each PNG with its class, seed and settings. Image k of
-the run uses seed + k.
+the run uses seed + k. OUTDIR/journal.jsonl lists every finished image (its "prompt" is the class
+as given): --resume finishes an interrupted run; torchrun shares the work over processes (see
+README, "Large batch runs"). The classes come from --classes, so there is no --from-file.
 
 Example (the notebook's settings):
   python scripts/sample_class.py --classes 25 187 448 992 --n_samples 6 --scale 3.0 --ddim_steps 20 \\
@@ -41,6 +43,7 @@ def build_parser():
                         help="class-embedding row used as the unconditional class of guidance (default: 1000 for "
                              "a 1001-row table as cin256-v2's; none otherwise)")
     cli.add_output_args(parser, "outputs/class-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "sample_class", n_samples=6, n_iter=1, seed=42, family=FAMILY.name)
     cli.add_size_args(parser, default=None, help_extra=" (default: the model family's, 256)")
     cli.add_model_args(parser, config=FAMILY.config, ckpt=FAMILY.checkpoint)
@@ -68,23 +71,23 @@ def run(opt) -> None:
     rows = int(config_get(plan.config.model, "params", "cond_stage_config", "params", "n_classes", default=1000))
     n_classes, _ = class_table(rows, opt.null_class)
     labels = {c: parse_class(c, n_classes) for c in opt.classes}
-    data = [[c] * opt.n_samples for c in opt.classes]
-    from ldm.devices import seed_generators
-
-    seed_generators(opt.seed, opt.n_iter * sum(map(len, data)))  # every seed of the run is in range
+    # --n_samples images per class and iteration; torchrun's processes; the journal
+    job = cli.plan_batch(opt, plan, "sample_class", data=[[c] * opt.n_samples for c in opt.classes],
+                         extra={"classes": [labels[c] for c in opt.classes]})
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, plan)
+    sd = cli.load_pipeline(opt, plan, job)
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
-    def make_batch(batch_classes, first_seed):
-        return sd.sample_class([labels[c] for c in batch_classes], first_seed, steps=opt.steps, sampler=plan.sampler,
-                               scale=opt.scale if scale_given else None, eta=plan.eta, width=opt.W, height=opt.H,
-                               null_class=opt.null_class)
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.sample_class([labels[i.prompt] for i in items], [i.seed for i in items], steps=s.steps,
+                               sampler=s.sampler, scale=s.scale if scale_given else None, eta=s.eta, width=s.width,
+                               height=s.height, null_class=opt.null_class)
 
-    cli.generate_all(opt, data, make_batch, writer)
+    cli.run_batch(job, render, writer)
 
 
 def main(argv=None) -> int:

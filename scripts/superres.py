@@ -11,6 +11,9 @@ fits in bounded memory (--split off runs in one piece; on forces the crops).
 
 Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
 its seed and settings (incl. "Input size" and "Patches"). Image k of the run uses seed + k.
+OUTDIR/journal.jsonl lists every finished image: --resume finishes an interrupted run; torchrun
+shares the work over processes (see README, "Large batch runs"). The model takes no text, so there
+is no --from-file.
 
 Example:
   python scripts/superres.py --init-img low.png --ckpt models/ldm/bsr_sr/model.ckpt
@@ -42,6 +45,7 @@ def build_parser():
     parser.add_argument("--patch_stride", type=int, default=64,
                         help="step between crops in input pixels, at most --patch_size (the notebook's: 64)")
     cli.add_output_args(parser, "outputs/superres-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "superres", steps_flags=("--steps", "--ddim_steps", "--custom_steps"), n_samples=1,
                           n_iter=1, seed=0, family=FAMILY.name)
     parser.set_defaults(ddim_eta=None)
@@ -68,27 +72,30 @@ def run(opt) -> None:
     plan = cli.plan_run(opt, "superres", expected_ckpt=FAMILY.checkpoint)
     from ldm.models.diffusion.registry import sampler_info
 
-    eta = (eta_flag if eta_flag is not None else 1.0) if sampler_info(plan.sampler).default_eta is not None else None
-    from ldm.devices import seed_generators
+    plan.eta = (eta_flag if eta_flag is not None else 1.0) if sampler_info(plan.sampler).default_eta is not None \
+        else None
     from ldm.image_io import load_image
 
     image = load_image(opt.init_img)
     if max(image.size) > LARGE_INPUT:
         cli.log.warning("the input is %dx%d (output %dx%d): it runs patch by patch, which takes a while",
                         *image.size, 4 * image.width, 4 * image.height)
-    seed_generators(opt.seed, opt.n_iter * opt.n_samples)  # every seed of the run is in range
+    # no prompts: --n_samples images per iteration; torchrun's processes; the journal (--split, --patch_*: settings)
+    job = cli.plan_batch(opt, plan, "superres", sized=False, data=[[""] * opt.n_samples],
+                         extra={"init_image": cli.image_digest(image)})
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, plan)
+    sd = cli.load_pipeline(opt, plan, job)
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
-    def make_batch(batch, first_seed):
-        return sd.superres(image, first_seed, n=len(batch), steps=opt.steps, sampler=plan.sampler, eta=eta,
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.superres(image, [i.seed for i in items], steps=s.steps, sampler=s.sampler, eta=s.eta,
                            split=opt.split, patch=opt.patch_size, stride=opt.patch_stride)
 
-    cli.generate_all(opt, [[""] * opt.n_samples], make_batch, writer)
+    cli.run_batch(job, render, writer)
 
 
 def main(argv=None) -> int:

@@ -10,11 +10,14 @@ works.
 
 Writes OUTDIR/samples/00000.png, ... and OUTDIR/grid-0000.png (nothing is overwritten), each with
 its generation parameters (incl. "Noise level") and the invisible watermark. Image k of the run
-uses seed + k.
+uses seed + k. OUTDIR/journal.jsonl lists every finished image: --resume finishes an interrupted
+run; torchrun shares the work over processes; --from-file takes a prompt list or a JSONL job file
+(see README, "Large batch runs").
 
-Example:
+Examples:
   python scripts/upscale.py --init-img low.png --prompt "a professional photograph of a cat" \\
       --config configs/stable-diffusion/x4-upscaling.yaml --ckpt x4-upscaler-ema.ckpt
+  torchrun --standalone --nproc_per_node 2 scripts/upscale.py --init-img low.png --from-file prompts.txt --resume
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ def build_parser():
                         help="noise added to the input before it conditions the model, 0..350 (the reference app's "
                              "default: 20)")
     cli.add_output_args(parser, "outputs/upscale-samples")
+    cli.add_batch_args(parser)
     cli.add_sampling_args(parser, "upscale", steps_flags=("--steps", "--ddim_steps"), n_samples=1, n_iter=1, seed=0,
                           family=FAMILY.name)
     parser.add_argument("--vae_tile", type=int, default=None,
@@ -58,7 +62,6 @@ def run(opt) -> None:
     check_noise_level(opt.noise_level, "--noise_level")
     check_tile(opt.vae_tile, "--vae_tile")
     plan = cli.plan_run(opt, "upscale", expected_ckpt=FAMILY.checkpoint)
-    prompts = cli.read_prompts(opt)
     from ldm.image_io import load_image
 
     image = load_image(opt.init_img)
@@ -66,20 +69,22 @@ def run(opt) -> None:
         cli.log.warning("the input is %dx%d: the model works at that size and makes %dx%d; if it runs out of memory, "
                         "upscale the image in tiles of 256x256 or less", *image.size, 4 * image.width,
                         4 * image.height)
-    data = cli.prompt_batches(opt, prompts)
+    # prompts or a JSONL job file; torchrun's processes; the journal (--noise_level, --vae_tile: in the settings)
+    job = cli.plan_batch(opt, plan, "upscale", sized=False, extra={"init_image": cli.image_digest(image)})
 
     # -- the run
     from ldm.generate import ImageWriter
 
-    sd = cli.load_pipeline(opt, plan)
+    sd = cli.load_pipeline(opt, plan, job)
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
-    def make_batch(batch_prompts, first_seed):
-        return sd.upscale(batch_prompts, image, first_seed, noise_level=opt.noise_level,
-                          negative_prompt=opt.negative_prompt, steps=opt.steps, sampler=plan.sampler,
-                          scale=opt.scale, eta=plan.eta, tile=opt.vae_tile)
+    def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
+        s = items[0]
+        return sd.upscale([i.prompt for i in items], image, [i.seed for i in items], noise_level=opt.noise_level,
+                          negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
+                          scale=s.scale, eta=s.eta, tile=opt.vae_tile)
 
-    cli.generate_all(opt, data, make_batch, writer)
+    cli.run_batch(job, render, writer)
 
 
 def main(argv=None) -> int:

@@ -128,15 +128,7 @@ def _start_and_kill(outdir: Path, prompts: Path, which: str) -> None:
     proc = subprocess.Popen(command(1 if which == "sigint" else 2, "--from-file", prompts, "--outdir", outdir, *ARGS),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    journal = outdir / "journal.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if journal.is_file() and journal.read_text().count('"item"') >= 2:
-            break
-        time.sleep(0.01)
-    else:
-        proc.kill()
-        pytest.fail("the run journaled no images in time")
+    wait_for_images(proc, outdir)
     if which == "sigint":  # the images in progress are finished and saved, then it stops
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
@@ -154,6 +146,18 @@ def _start_and_kill(outdir: Path, prompts: Path, which: str) -> None:
     for pid in workers.values():  # wait until none of them runs any more
         while _running(pid):
             time.sleep(0.05)
+
+
+def wait_for_images(proc: subprocess.Popen, outdir: Path, count: int = 2) -> None:
+    """Wait until the run ``proc`` has journaled ``count`` images in ``outdir`` (or fail)."""
+    journal = outdir / "journal.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if journal.is_file() and journal.read_text().count('"item"') >= count:
+            return
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("the run journaled no images in time")
 
 
 def _running(pid: int) -> bool:
@@ -338,14 +342,3 @@ def test_journal_survives_a_torn_last_line_and_numbers_follow_existing_files(tmp
     append_line(journal, {"run": 0, "item": 1, "file": "samples/00001.png"})
     (run,) = read_journal(journal)
     assert sorted(run.done) == [1] and not run.complete
-
-
-def test_scripts_without_job_files_refuse_one(tmp_path, capsys):
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text('{"prompt": "a red cube"}\n')
-    code = load_main("inpaint.py")(["--init-img", str(REPO / "assets/demo/init.png"), "--mask",
-                                    str(REPO / "assets/demo/mask.png"), "--from-file", str(jobs), "--outdir",
-                                    str(tmp_path / "out"), "--config", str(DEMO_CONFIG), "--ckpt", str(DEMO_WEIGHTS),
-                                    "--device", "cpu"])
-    assert_one_line_error(code, capsys.readouterr().err, "JSONL job files are read by txt2img.py and img2img.py")
-    assert not (tmp_path / "out").exists()

@@ -39,16 +39,18 @@ class WorkItem:
 def items_from_batches(opt, data: Sequence[Sequence[str]], *, sampler: str, eta: Optional[float],
                        width: Optional[int] = None, height: Optional[int] = None) -> list:
     """The items of a plain run, in the order the scripts always made them: for each iteration,
-    the batches of :func:`ldm.cli.prompt_batches` (one prompt ``n_samples`` times, or the file's
-    prompts ``n_samples`` at a time). Image ``k`` gets ``seed + k``; with ``--fixed_code`` image
-    ``j`` of every batch gets ``seed + j`` (what the scripts did before items existed)."""
+    the batches of ``data`` (one prompt ``n_samples`` times, or the file's prompts ``n_samples`` at
+    a time; a class per batch for sample_class). Image ``k`` gets ``seed + k``; with
+    ``--fixed_code`` image ``j`` of every batch gets ``seed + j`` (what the scripts did before items
+    existed). A script without ``--negative_prompt`` gives its items ``""``."""
+    negative = getattr(opt, "negative_prompt", "")
     items, k = [], 0
     for _ in range(opt.n_iter):
         for batch in data:
             for j, prompt in enumerate(batch):
                 seed = opt.seed + j if opt.fixed_code else opt.seed + k
-                items.append(WorkItem(k, prompt, seed, opt.negative_prompt, int(opt.steps), sampler,
-                                      float(opt.scale), eta, width, height))
+                items.append(WorkItem(k, prompt, seed, negative, int(opt.steps), sampler, float(opt.scale), eta,
+                                      width, height))
                 k += 1
     return items
 

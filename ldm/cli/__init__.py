@@ -12,56 +12,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 # the scripts use every piece as cli.<name>
 from ldm.cli.args import *  # noqa: F401,F403
 from ldm.cli.args import EXIT_USER_ERROR
 from ldm.cli.checks import *  # noqa: F401,F403
 from ldm.cli.checks import RunPlan
-from ldm.cli.batch import plan_batch, run_batch  # noqa: F401  (cli.plan_batch / cli.run_batch in the scripts)
+from ldm.cli.batch import image_digest, plan_batch, run_batch  # noqa: F401  (cli.<name> in the scripts)
 from ldm.errors import UserInputError  # noqa: F401  (cli.UserInputError in the scripts)
 
 log = logging.getLogger("ldm.scripts")
-
-
-def batches(items: Sequence, size: int) -> Iterator[list]:
-    """Consecutive chunks of ``size``; the last one may be smaller."""
-    for start in range(0, len(items), size):
-        yield list(items[start:start + size])
-
-
-def prompt_batches(opt: argparse.Namespace, prompts: Sequence[str]) -> list:
-    """One prompt ``n_samples`` times, or the file's prompts ``n_samples`` at a time (the last batch
-    may be smaller, unlike the original, which failed then). Also checks that every seed of the run
-    (``seed`` .. ``seed + images - 1``) is in range."""
-    from ldm.devices import seed_generators
-
-    if getattr(opt, "from_file", None):
-        data = list(batches(prompts, opt.n_samples))
-    else:
-        data = [[prompts[0]] * opt.n_samples]
-    seed_generators(opt.seed, opt.n_iter * sum(map(len, data)))
-    return data
-
-
-def generate_all(opt: argparse.Namespace, data: Sequence[list], make_batch: Callable, writer) -> None:
-    """Run ``make_batch(prompts, first_seed)`` for every batch of every iteration, write the images
-    and the grid, and log each file with its seed.
-
-    Image ``k`` of the run gets seed ``opt.seed + k``; with ``--fixed_code`` every iteration
-    repeats the seeds of the first batch (image ``k`` of each batch: ``opt.seed + k``).
-    """
-    index = 0
-    for _ in range(opt.n_iter):
-        for batch_prompts in data:
-            result = make_batch(batch_prompts, opt.seed if opt.fixed_code else opt.seed + index)
-            report_saved(writer.add(result), result.records)
-            index += len(batch_prompts)
-    grid = writer.write_grid(opt.n_rows or opt.n_samples)
-    if grid:
-        log.info("grid: %s", grid)
-    log.info("your samples are in %s", writer.outdir)
 
 
 def load_pipeline(opt: argparse.Namespace, plan: RunPlan, job=None):

@@ -57,8 +57,8 @@ def add_prompt_args(parser: argparse.ArgumentParser, default: Optional[str] = DE
     if from_file:
         parser.add_argument("--from-file", dest="from_file", type=str, default=None,
                             help="read prompts from this file, one per line (blank lines skipped; '-' reads "
-                                 "stdin); each prompt gives one image per iteration, --n_samples at a time. For "
-                                 "txt2img and img2img a .jsonl file holds one JSON object per line with its own "
+                                 "stdin); each prompt gives one image per iteration, --n_samples at a time. A "
+                                 ".jsonl file holds one JSON object per line with its own "
                                  "settings (prompt, negative_prompt, seed, steps, scale, sampler, H, W, n; see README)")
         parser.add_argument("--repeat", type=int, default=1,
                             help="with --from-file: use each prompt of the file this many times in a row (as the "

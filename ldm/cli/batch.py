@@ -1,11 +1,15 @@
 """The scripts' batch runs over :mod:`ldm.batch`: :func:`plan_batch` turns the flags and the
-prompt source (``--prompt``, a text file, a JSONL job file) into the run's items and settings,
-joins the processes ``torchrun`` started and consults the journal; :func:`run_batch` makes the
-images. One process or many, the output folder ends up the same."""
+prompt source (``--prompt``, a text file, a JSONL job file; or the script's own list of labels:
+classes, nothing) into the run's items and settings, joins the processes ``torchrun`` started and
+consults the journal; :func:`run_batch` makes the images with the script's ``render(items)``.
+Every image-making script but ``inpaint.py --indir`` and ``sample_diffusion.py`` (named by their
+inputs, or by the original's folder layout) runs through here: one process or many, the output
+folder ends up the same."""
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Callable, Optional
 from ldm.cli.checks import RunPlan, read_prompts, sampler_eta
 from ldm.errors import UserInputError
 
-__all__ = ["plan_batch", "run_batch"]
+__all__ = ["plan_batch", "run_batch", "image_digest"]
 
 log = logging.getLogger("ldm.scripts")
 
@@ -24,7 +28,8 @@ log = logging.getLogger("ldm.scripts")
 _NOT_IMAGE_FLAGS = frozenset({
     "outdir", "resume", "skip_grid", "skip_save", "from_file", "prompt", "repeat", "device", "config", "ckpt",
     "safety_checker", "no_safety_check", "steps_flag", "plms", "dpm_solver", "bf16", "precision", "torchscript", "ipex",
-    "laion400m", "fast_batch", "exact_batches", "n_samples", "n_rows", "ddim_eta", "init_img", "keep_size"})
+    "laion400m", "fast_batch", "exact_batches", "n_samples", "n_rows", "ddim_eta", "init_img", "keep_size", "mask",
+    "depth_map", "indir", "list_classes"})
 
 
 def _plain(value) -> bool:
@@ -34,24 +39,37 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _file_sha256(path) -> str:
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes (for the settings of a run that reads it)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def image_digest(image) -> str:
+    """``WxH:MODE:sha256`` of a PIL image's pixels as the script uses them (after any resize), for
+    the settings: the same pixels from another file (or format) give the same run."""
+    return f"{image.width}x{image.height}:{image.mode}:{hashlib.sha256(image.tobytes()).hexdigest()}"
+
+
 def _text_data(opt: argparse.Namespace, prompts: list) -> list:
-    """The batches of a plain run (as :func:`ldm.cli.prompt_batches`)."""
+    """The batches of a plain run: one prompt ``n_samples`` times, or the file's prompts
+    ``n_samples`` at a time (the last batch may be smaller, unlike the original, which failed then)."""
     if getattr(opt, "from_file", None):
         return [prompts[i:i + opt.n_samples] for i in range(0, len(prompts), opt.n_samples)]
     return [[prompts[0]] * opt.n_samples]
 
 
-def _items(opt: argparse.Namespace, plan: RunPlan, sized: bool, check_job: Optional[Callable]) -> tuple:
+def _items(opt: argparse.Namespace, plan: RunPlan, sized: bool, check_job: Optional[Callable],
+           data: Optional[list]) -> tuple:
     """``(items, prompt source text for the settings)``."""
     from ldm.batch.items import check_item_seeds, items_from_batches
     from ldm.batch.jobfile import is_job_file, items_from_jobs, read_jobs
     from ldm.generate.config import check_image_size
 
     width, height = (opt.W, opt.H) if sized else (None, None)
+    if data is not None:  # the script's own labels (classes; "" for a run without prompts)
+        items = items_from_batches(opt, data, sampler=plan.sampler, eta=plan.eta, width=width, height=height)
+        check_item_seeds(items)
+        return items, hashlib.sha256(json.dumps(data).encode()).hexdigest()
     path = getattr(opt, "from_file", None)
     if is_job_file(path):
         if getattr(opt, "repeat", 1) != 1:
@@ -70,7 +88,7 @@ def _items(opt: argparse.Namespace, plan: RunPlan, sized: bool, check_job: Optio
         if not sized:
             items = [replace(item, width=None, height=None) for item in items]
         log.info("read %d job(s) from %s: %d image(s)", len(jobs), path, len(items))
-        return items, _file_sha256(path)
+        return items, file_digest(path)
     prompts = read_prompts(opt)
     items = items_from_batches(opt, _text_data(opt, prompts), sampler=plan.sampler, eta=plan.eta, width=width,
                                height=height)
@@ -79,14 +97,20 @@ def _items(opt: argparse.Namespace, plan: RunPlan, sized: bool, check_job: Optio
 
 
 def plan_batch(opt: argparse.Namespace, plan: RunPlan, method: str, *, sized: bool = True,
-               extra: Optional[dict] = None, check: Optional[Callable[[dict], None]] = None):
+               extra: Optional[dict] = None, check: Optional[Callable[[dict], None]] = None,
+               data: Optional[list] = None):
     """The run's items, settings and journal plan, before any model is loaded.
 
+    :param method: the pipeline method the script runs (a key of :data:`ldm.families.METHODS`).
     :param sized: whether the flags (and job lines) set the image size; False where an input
-        image does (img2img).
-    :param extra: more settings that change the images (e.g. the init image's hash, strength).
+        image does (img2img, upscale, depth2img, inpaint).
+    :param extra: more settings that change the images (e.g. the init image's hash, strength;
+        flags with plain values are in the settings anyway, see :data:`_NOT_IMAGE_FLAGS`).
     :param check: more checks of a JSONL line's resolved settings (``steps``, ``sampler``, ``scale``,
         ``eta``, ``H``, ``W``); raises :class:`UserInputError`.
+    :param data: for a script without prompts: the labels of one iteration's batches (each label
+        becomes an item's ``prompt``: a class for sample_class, ``""`` for superres), instead of
+        ``--prompt``/``--from-file``.
     :returns: a :class:`ldm.batch.BatchJob`; ``plan.device`` becomes this process's device.
     :raises UserInputError: bad job file lines (``line N: ...``), a journal that refuses the run.
     """
@@ -94,14 +118,15 @@ def plan_batch(opt: argparse.Namespace, plan: RunPlan, method: str, *, sized: bo
     from ldm.metadata import model_hash
 
     ctx = DistContext.from_env()
-    items, prompts_digest = _items(opt, plan, sized, check)
+    items, prompts_digest = _items(opt, plan, sized, check, data)
     digest = model_hash(opt.ckpt)
-    settings = {"method": method, "config": _file_sha256(opt.config), "model": digest,
+    settings = {"method": method, "config": file_digest(opt.config), "model": digest,
                 "use_ema": bool(opt.use_ema), "precision": str(plan.dtype).replace("torch.", ""),
                 "device": plan.device.type, "exact_batches": plan.exact_batches, "safety": plan.safety_status
                 if plan.checker_folder is None else "checker", "prompts": prompts_digest, "seed": opt.seed,
                 "steps": opt.steps, "sampler": plan.sampler, "scale": opt.scale, "eta": plan.eta,
-                "negative_prompt": opt.negative_prompt, "n_iter": opt.n_iter, "fixed_code": bool(opt.fixed_code),
+                "negative_prompt": getattr(opt, "negative_prompt", ""), "n_iter": opt.n_iter,
+                "fixed_code": bool(opt.fixed_code),
                 "H": opt.H if sized else None, "W": opt.W if sized else None,
                 "grid_rows": opt.n_rows or opt.n_samples, "items": items_digest(items), **(extra or {})}
     if not plan.exact_batches:  # batched networks: the batch size changes the float rounding

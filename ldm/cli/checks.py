@@ -91,11 +91,8 @@ def read_prompts(opt: argparse.Namespace) -> list:
             raise UserInputError("the prompts on standard input are not UTF-8 text; send UTF-8") from None
         source = "standard input"
     else:
-        from ldm.batch.jobfile import is_job_file, read_user_text
+        from ldm.batch.jobfile import read_user_text  # JSONL job files never reach here (cli.plan_batch)
 
-        if is_job_file(path):  # txt2img/img2img read these through ldm.cli.batch.plan_batch
-            raise UserInputError(f"--from-file {path}: JSONL job files are read by txt2img.py and img2img.py; give "
-                                 "this script a plain text file, one prompt per line")
         p = Path(path)
         text = read_user_text(p, "prompt file", "a text file, one prompt per line")
         source = str(p)
