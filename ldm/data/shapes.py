@@ -360,7 +360,8 @@ def classify(image: Any) -> dict[str, Any]:
     :return: dict with ``background``, ``shape_colour``, ``shape`` (names; the last two ``None``
         when no shape is found), ``fill_ratio`` (shape area / bounding-box area: circle ~0.785,
         square ~1, triangle ~0.5), ``iou`` (template name -> best IoU), ``box`` (x0, y0, x1, y1
-        inclusive pixel bounds), ``area`` (fraction of the image), ``confidence`` (min of
+        inclusive pixel bounds), ``area`` (fraction of the image), ``mask`` (bool (H, W), the shape's
+        pixels; templates of other shapes can be scored on it), ``confidence`` (min of
         ``background_confidence``, ``shape_colour_confidence``, ``shape_confidence``; colour
         confidences as in ``_nearest_colour``, shape confidence = the best IoU).
     """
@@ -403,7 +404,7 @@ def classify(image: Any) -> dict[str, Any]:
 
     out.update(shape_colour=shape_colour, shape_colour_confidence=colour_conf, shape=best,
                shape_confidence=iou[best], fill_ratio=area / sub.size, iou=iou,
-               box=(x0, y0, x1, y1), area=area / (h * w),
+               box=(x0, y0, x1, y1), area=area / (h * w), mask=mask,
                confidence=min(bg_conf, colour_conf, iou[best]))
     return out
 
