@@ -93,10 +93,8 @@ def run(opt) -> None:
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
     def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
-        s = items[0]
-        return sd.img2img([i.prompt for i in items], init_image, [i.seed for i in items], strength=opt.strength,
-                          negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
-                          scale=s.scale, eta=s.eta)
+        prompts, seeds, keywords = cli.batch_call(items)
+        return sd.img2img(prompts, init_image, seeds, strength=opt.strength, **keywords)
 
     cli.run_batch(job, render, writer)
 

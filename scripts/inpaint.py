@@ -121,10 +121,8 @@ def run(opt) -> None:
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
     def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
-        s = items[0]
-        return sd.inpaint([i.prompt for i in items], image, mask, [i.seed for i in items],
-                          negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
-                          scale=s.scale, eta=s.eta)
+        prompts, seeds, keywords = cli.batch_call(items)
+        return sd.inpaint(prompts, image, mask, seeds, **keywords)
 
     cli.run_batch(job, render, writer)
 

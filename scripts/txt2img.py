@@ -64,10 +64,8 @@ def run(opt) -> None:
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
     def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
-        s = items[0]
-        return sd.txt2img([i.prompt for i in items], [i.seed for i in items],
-                          negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
-                          scale=s.scale, eta=s.eta, width=s.width, height=s.height)
+        prompts, seeds, keywords = cli.batch_call(items, sized=True)
+        return sd.txt2img(prompts, seeds, **keywords)
 
     cli.run_batch(job, render, writer)
 

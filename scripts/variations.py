@@ -76,10 +76,8 @@ def run(opt) -> None:
     writer = ImageWriter(plan.outdir, save_samples=not opt.skip_save, save_grid=not opt.skip_grid)
 
     def render(items):  # one batch of work items with equal settings (ldm.batch.items.WorkItem)
-        s = items[0]
-        return sd.variations(image, [i.prompt for i in items], [i.seed for i in items], noise_level=opt.noise_level,
-                             negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
-                             scale=s.scale, eta=s.eta, width=s.width, height=s.height)
+        prompts, seeds, keywords = cli.batch_call(items, sized=True)
+        return sd.variations(image, prompts, seeds, noise_level=opt.noise_level, **keywords)
 
     cli.run_batch(job, render, writer)
 

@@ -19,7 +19,7 @@ from ldm.cli.args import *  # noqa: F401,F403
 from ldm.cli.args import EXIT_USER_ERROR
 from ldm.cli.checks import *  # noqa: F401,F403
 from ldm.cli.checks import RunPlan
-from ldm.cli.batch import image_digest, plan_batch, run_batch  # noqa: F401  (cli.<name> in the scripts)
+from ldm.cli.batch import batch_call, image_digest, plan_batch, run_batch  # noqa: F401  (cli.<name> in the scripts)
 from ldm.errors import UserInputError  # noqa: F401  (cli.UserInputError in the scripts)
 
 log = logging.getLogger("ldm.scripts")

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from ldm.cli.checks import RunPlan, read_prompts, sampler_eta
 from ldm.errors import UserInputError
 
-__all__ = ["plan_batch", "run_batch", "image_digest"]
+__all__ = ["plan_batch", "run_batch", "image_digest", "batch_call"]
 
 log = logging.getLogger("ldm.scripts")
 
@@ -42,6 +42,18 @@ def _plain(value) -> bool:
 def file_digest(path) -> str:
     """SHA-256 of a file's bytes (for the settings of a run that reads it)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def batch_call(items: list, sized: bool = False) -> tuple:
+    """What a pipeline method takes from one batch of work items with equal settings
+    (:class:`ldm.batch.items.WorkItem`): ``(prompts, seeds, keywords)``, the keywords being the
+    negative prompts, steps, sampler, scale and eta (and the image size with ``sized``)."""
+    s = items[0]
+    keywords = dict(negative_prompt=[i.negative_prompt for i in items], steps=s.steps, sampler=s.sampler,
+                    scale=s.scale, eta=s.eta)
+    if sized:
+        keywords.update(width=s.width, height=s.height)
+    return [i.prompt for i in items], [i.seed for i in items], keywords
 
 
 def image_digest(image) -> str:
