@@ -120,7 +120,7 @@ def read_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({_first_line(e)})") from None
     else:
-        obj = _load_pickle(path, device)
+        obj = load_pickle(path, device)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         step = obj.get("global_step")
         global_step = int(step) if isinstance(step, (int, torch.Tensor)) else None
@@ -197,7 +197,7 @@ def _read_safetensors_cast(path: Path, dtype: torch.dtype) -> Optional[dict]:
     return out
 
 
-def _load_pickle(path: Path, device) -> Any:
+def load_pickle(path: Path, device) -> Any:  # a pickled .ckpt/.pt, weights only, whole (also nested dicts)
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))

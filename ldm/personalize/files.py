@@ -22,10 +22,10 @@ def read_tensor_file(path: Path, what: str) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserInputError(f"{what} {path}: not a readable safetensors file ({exc})") from None
-    from ldm.checkpoint import CheckpointError, _load_pickle
+    from ldm.checkpoint import CheckpointError, load_pickle
 
     try:
-        data = _load_pickle(path, "cpu")
+        data = load_pickle(path, "cpu")
     except CheckpointError as exc:
         raise UserInputError(f"{what} {path}: {exc}") from None
     if not isinstance(data, dict):
