@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 from ldm.errors import UserInputError
-from ldm.generate.inputs import as_list, check_strength, expand_prompts, generators_for
 from ldm.generate.records import GenerationResult
 
 __all__ = ["depth_map_tensor", "Depth2ImgMixin"]
@@ -76,32 +75,17 @@ class Depth2ImgMixin:
             a gray image or 2-D array of any size, white/larger = near); resized to the latent size.
         Other parameters as :meth:`StableDiffusion.txt2img`.
         """
-        self._require("depth2img")
-        steps, sampler, scale, eta = self._settings("depth2img", steps, sampler, scale, eta)
-        strength = self.spec.family.strength if strength is None else strength
-        check_strength(strength)
+        self._require("depth2img")  # before the depth map is read
         given = None if depth_map is None else depth_map_tensor(depth_map)
-        prompts, seeds = expand_prompts(prompts, seeds, n)
-        negatives = as_list(negative_prompt, len(prompts), "negative prompt")
-        image = init_image.convert("RGB") if init_image.mode != "RGB" else init_image
-        self.check_size(*image.size)
-        c, uc = self._text_conditioning(prompts, negatives, scale)
-        generators = generators_for(seeds)
-        z0 = self._encode(image, generators)
-        pixels = self._pixels(image)
-        depth = self.model.depth_conditioning(pixels, z0.shape[-2:],
-                                              depth=None if given is None else given.to(self.device))
-        depth = depth.to(self.dtype).expand(len(seeds), -1, -1, -1)
-        cond = {"c_concat": [depth], "c_crossattn": [c]}
-        uncond = None if uc is None else {"c_concat": [depth], "c_crossattn": [uc]}
-        from ldm.models.diffusion.sampling import start_step_for_strength
 
-        z = z0  # strength 0: the init image only encoded and decoded
-        if strength > 0:
-            z = self._sample(sampler, steps, tuple(z0.shape[1:]), cond, uncond, scale, eta, generators, x0=z0,
-                             start_step=start_step_for_strength(steps, strength))
-        records = self._records("depth2img", prompts, negatives, seeds, sampler, steps, scale, eta, *image.size,
-                                strength=strength)
-        for record in records:
-            record.extra["Depth"] = "MiDaS" if given is None else "given depth map"
-        return self._finish(self.decode(z), records)
+        def condition(image, z0, c, uc):  # the depth at latent size, concatenated to the latent
+            pixels = self._pixels(image)
+            depth = self.model.depth_conditioning(pixels, z0.shape[-2:],
+                                                  depth=None if given is None else given.to(self.device))
+            depth = depth.to(self.dtype).expand(z0.shape[0], -1, -1, -1)
+            return ({"c_concat": [depth], "c_crossattn": [c]},
+                    None if uc is None else {"c_concat": [depth], "c_crossattn": [uc]})
+
+        return self._img2img("depth2img", prompts, init_image, seeds, n=n, strength=strength,
+                             negative_prompt=negative_prompt, steps=steps, sampler=sampler, scale=scale, eta=eta,
+                             condition=condition, extra={"Depth": "MiDaS" if given is None else "given depth map"})

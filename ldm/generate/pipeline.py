@@ -194,8 +194,16 @@ class StableDiffusion(*METHOD_MIXINS):
             (default: the family's, 0.75 for SD v1, 0.8 for SD 2).
         Other parameters as :meth:`txt2img`.
         """
-        self._require("img2img")
-        steps, sampler, scale, eta = self._settings("img2img", steps, sampler, scale, eta)
+        return self._img2img("img2img", prompts, init_image, seeds, n=n, strength=strength,
+                             negative_prompt=negative_prompt, steps=steps, sampler=sampler, scale=scale, eta=eta)
+
+    def _img2img(self, method: str, prompts, init_image: Image.Image, seeds, *, n, strength, negative_prompt, steps,
+                 sampler, scale, eta, condition=None, extra: Optional[dict] = None) -> GenerationResult:
+        """img2img, and the methods that add conditioning to it (depth2img): ``condition(image, z0, c,
+        uc) -> (cond, uncond)`` turns the text conditioning into the model's; ``extra`` goes into
+        every image's parameters."""
+        self._require(method)
+        steps, sampler, scale, eta = self._settings(method, steps, sampler, scale, eta)
         strength = self.spec.family.strength if strength is None else strength
         check_strength(strength)
         prompts, seeds = expand_prompts(prompts, seeds, n)
@@ -205,6 +213,8 @@ class StableDiffusion(*METHOD_MIXINS):
         c, uc = self._text_conditioning(prompts, negatives, scale, image.size[::-1])
         generators = generators_for(seeds)
         z0 = self._encode(image, generators)
+        if condition is not None:
+            c, uc = condition(image, z0, c, uc)
         if strength == 0:
             log.info("strength 0: the init image is only encoded and decoded")
             z = z0
@@ -214,8 +224,10 @@ class StableDiffusion(*METHOD_MIXINS):
             start = start_step_for_strength(steps, strength)
             z = self._sample(sampler, steps, tuple(z0.shape[1:]), c, uc, scale, eta, generators, x0=z0,
                              start_step=start)
-        records = self._records("img2img", prompts, negatives, seeds, sampler, steps, scale, eta, *image.size,
+        records = self._records(method, prompts, negatives, seeds, sampler, steps, scale, eta, *image.size,
                                 strength=strength)
+        for record in records:
+            record.extra.update(extra or {})
         return self._finish(self.decode(z), records)
 
     @torch.no_grad()
