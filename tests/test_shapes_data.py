@@ -54,10 +54,23 @@ def rendered():
 
 
 def test_checker_agrees_with_captions(rendered):
-    results = [S.check(img, S.caption(c)) for img, c, _ in rendered]
+    results = [S.check(img, S.caption(c), min_iou=S.SHARP_IOU) for img, c, _ in rendered]
     rate = sum(r["all"] for r in results) / len(results)
     assert len(results) >= 1000
     assert rate >= 0.99, f"checker agreed on {rate:.3%} of {len(results)} clean images"
+    assert min(r["iou"] for r in results) >= 0.8  # every rendered shape is sharp by the IoU reading
+
+
+def test_min_iou_rejects_a_lumpy_shape():
+    """A diamond (a circle drawn badly, as the first demo models did) reads as a circle, but its
+    IoU with the inscribed-ellipse template is 0.5 / (pi / 4) ~ 0.64, under SHARP_IOU."""
+    y, x = np.mgrid[0:64, 0:64] + 0.5
+    img = np.full((64, 64, 3), S.COLOURS["blue"], np.uint8)
+    img[np.abs(x - 32) + np.abs(y - 32) <= 20] = S.COLOURS["red"]
+    text = "a red circle on a blue background"
+    loose, sharp = S.check(img, text), S.check(img, text, min_iou=S.SHARP_IOU)
+    assert loose["shape"] and loose["all"] and loose["iou"] == pytest.approx(0.5 / (math.pi / 4), abs=0.03)
+    assert not sharp["shape"] and not sharp["all"] and sharp["background"] and sharp["shape_colour"]
 
 
 def test_checker_agrees_on_blurred_noisy_images(rendered):
@@ -115,7 +128,7 @@ def test_plain_image_has_no_shape():
     got = S.classify(img)
     assert got["background"] == "green" and got["shape"] is None and got["shape_colour"] is None
     assert S.check(img, "a red square on a green background") == dict(
-        background=True, shape_colour=False, shape=False, all=False)
+        background=True, shape_colour=False, shape=False, all=False, iou=0.0)
 
 
 def test_classify_accepts_pil_and_rejects_floats():

@@ -55,7 +55,7 @@ from torch.utils.data import Dataset
 from ldm.errors import UserInputError
 
 __all__ = [
-    "COLOURS", "SHAPES", "Combo", "ALL_COMBOS", "TRAIN_COMBOS", "HELDOUT_COMBOS", "N_HELDOUT",
+    "COLOURS", "SHAPES", "SHARP_IOU", "Combo", "ALL_COMBOS", "TRAIN_COMBOS", "HELDOUT_COMBOS", "N_HELDOUT",
     "caption", "parse_caption", "render", "ShapesDataset", "classify", "check", "agreement",
 ]
 
@@ -75,6 +75,7 @@ SIDE_RANGE = (0.4, 0.8)  # shape box side, as a fraction of the image side
 MARGIN = 0.04  # least background between the shape box and any image edge, fraction of the side
 HELDOUT_SALT = "ldm-shapes-heldout-v1"
 N_HELDOUT = 17  # ceil(168 / 10)
+SHARP_IOU = 0.75  # template IoU a shape needs to count as drawn right (rendered ones: 0.86-1.0)
 
 _PALETTE_NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)  # (8, 3)
@@ -274,10 +275,7 @@ class ShapesDataset(Dataset):
         i %= self.length
         combo = self.combo(i)
         image, _ = render(combo, np.random.default_rng([self.seed, i]), self.size, self.supersample)
-        return {
-            self.image_key: image.astype(np.float32) / 127.5 - 1.0,
-            self.caption_key: caption(combo),
-        }
+        return {self.image_key: image.astype(np.float32) / 127.5 - 1.0, self.caption_key: caption(combo)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,27 +407,28 @@ def classify(image: Any) -> dict[str, Any]:
     return out
 
 
-def check(image: Any, text: str) -> dict[str, bool]:
+def check(image: Any, text: str, min_iou: float = 0.0) -> dict[str, Any]:
     """Does ``image`` show what ``text`` (a dataset caption) says?
 
-    :return: ``{"background", "shape_colour", "shape", "all"}`` -> bool.
+    :param min_iou: least template IoU of the named shape for ``shape`` to hold (0: the best
+        template is enough; :data:`SHARP_IOU`: drawn cleanly, not as a rounded diamond).
+    :return: ``{"background", "shape_colour", "shape", "all"}`` -> bool; ``iou``: the named shape's IoU.
     """
     want = parse_caption(text)
     got = classify(image)
-    res = {
-        "background": got["background"] == want.background,
-        "shape_colour": got["shape_colour"] == want.shape_colour,
-        "shape": got["shape"] == want.shape,
-    }
-    res["all"] = all(res.values())
-    return res
+    iou = float(got["iou"].get(want.shape, 0.0))
+    res: dict[str, Any] = dict(background=got["background"] == want.background,
+                               shape_colour=got["shape_colour"] == want.shape_colour,
+                               shape=got["shape"] == want.shape and iou >= min_iou)
+    return dict(res, all=all(res.values()), iou=iou)
 
 
-def agreement(images: Sequence[Any], texts: Sequence[str]) -> dict[str, float]:
-    """Fraction of images for which each :func:`check` field holds (same keys as ``check``)."""
+def agreement(images: Sequence[Any], texts: Sequence[str], min_iou: float = 0.0) -> dict[str, float]:
+    """Fraction of images for which each :func:`check` field holds (same keys as ``check``;
+    ``iou`` is the mean IoU)."""
     if len(images) != len(texts) or not len(texts):
         raise UserInputError(f"need as many captions as images (and at least one); got {len(images)} and {len(texts)}")
-    results = [check(im, t) for im, t in zip(images, texts)]
+    results = [check(im, t, min_iou) for im, t in zip(images, texts)]
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 

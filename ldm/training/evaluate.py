@@ -51,18 +51,21 @@ def generate(model, prompts: Sequence[str], sampler: str = "ddim", steps: int = 
 
 
 def evaluate(model, split: str = "train", sampler: str = "ddim", steps: int = 50, scale: float = 7.5,
-             per_combo: int = 1, seed: int = 0, batch_size: int = 64) -> dict:
-    """Agreement (fractions in [0, 1], keys of :func:`ldm.data.shapes.check`) over
-    ``per_combo`` images of every combination of ``split`` (``train`` or ``heldout``)."""
-    from ldm.data.shapes import HELDOUT_COMBOS, TRAIN_COMBOS, agreement, caption
+             per_combo: int = 1, seed: int = 0, batch_size: int = 64, min_iou: Optional[float] = None) -> dict:
+    """Agreement (fractions in [0, 1], keys of :func:`ldm.data.shapes.check`; ``iou`` the mean
+    template IoU) over ``per_combo`` images of every combination of ``split`` (``train`` or
+    ``heldout``). A shape counts when its template IoU is at least ``min_iou`` (default
+    :data:`ldm.data.shapes.SHARP_IOU`)."""
+    from ldm.data.shapes import HELDOUT_COMBOS, SHARP_IOU, TRAIN_COMBOS, agreement, caption
 
     combos = {"train": TRAIN_COMBOS, "heldout": HELDOUT_COMBOS}[split]
     prompts = [caption(c) for c in combos for _ in range(per_combo)]
     t = time.time()
     images = generate(model, prompts, sampler, steps, scale, seed, batch_size)
-    result = agreement(list(images), prompts)
+    min_iou = SHARP_IOU if min_iou is None else min_iou
+    result = agreement(list(images), prompts, min_iou)
     result.update(n=len(prompts), seconds=round(time.time() - t, 1), split=split, sampler=sampler, steps=steps,
-                  scale=scale)
+                  scale=scale, min_iou=min_iou)
     return result
 
 
@@ -149,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", choices=("train", "heldout"), nargs="+", default=["train"])
     p.add_argument("--per-combo", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-iou", type=float, default=None,
+                   help="least template IoU for a shape to count (default ldm.data.shapes.SHARP_IOU, 0.75; 0: any)")
     p.add_argument("--use-ema", choices=("auto", "yes", "no"), default="auto")
     p.add_argument("--edits", type=int, default=0, metavar="N",
                    help="also evaluate img2img (strength 0.3 and 0.9) and inpainting on N images each")
@@ -165,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps = opt.steps[i] if opt.steps else DEFAULT_STEPS.get(sampler, 50)
         for split in opt.split:
             for scale in opt.scale:
-                r = evaluate(model, split, sampler, steps, scale, opt.per_combo, opt.seed)
+                r = evaluate(model, split, sampler, steps, scale, opt.per_combo, opt.seed, min_iou=opt.min_iou)
                 print(json.dumps(r), flush=True)
     if opt.edits:
         from ldm.generate import SAFETY_NOT_NEEDED, StableDiffusion
