@@ -3,10 +3,10 @@
 #   1. train the autoencoder (configs/demo/demo-autoencoder.yaml): VAE_STEPS steps on 32x32
 #      images (4x cheaper), then VAE_STEPS_64 more at the model's 64x64 (resuming the same run)
 #   2. train the latent diffusion model on the frozen autoencoder (configs/demo/demo-ldm.yaml)
-#   3. export the EMA weights (float16, 14 MB) + inference config to models/demo/demo.safetensors
+#   3. export the EMA weights (float16, 18 MB) + inference config to models/demo/demo.safetensors
 #      and configs/demo/demo-txt2img.yaml
 # Usage (from anywhere):  scripts/train_demo.sh
-# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (400), LDM_STEPS (2000), SEED (23),
+# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (600), LDM_STEPS (3000), SEED (23),
 #   OUT (models/demo/demo.safetensors), OUT_CONFIG (configs/demo/demo-txt2img.yaml),
 #   VAE_RUN (a finished autoencoder run of this script, logs/<time>_demo-vae: skip stage 1 and train the
 #   diffusion model on that autoencoder).
@@ -17,8 +17,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 LOGDIR=${LOGDIR:-logs}
 VAE_STEPS=${VAE_STEPS:-2000}
-VAE_STEPS_64=${VAE_STEPS_64:-400}
-LDM_STEPS=${LDM_STEPS:-2000}
+VAE_STEPS_64=${VAE_STEPS_64:-600}
+LDM_STEPS=${LDM_STEPS:-3000}
 VAE_RUN=${VAE_RUN:-}
 SEED=${SEED:-23}
 OUT=${OUT:-models/demo/demo.safetensors}

@@ -233,7 +233,7 @@ BAD_LINES = [
     ('{"prompt": "a cube", "steps": "ten"}', '"steps" must be an integer'),
     ('{"prompt": "a cube", "colour": "red"}', 'unknown key "colour"'),
     ('{"prompt": ""}', '"prompt" is missing'),
-    ('{"prompt": "a cube", "W": 100}', '"W" 100 is not a multiple of 8'),
+    ('{"prompt": "a cube", "W": 98}', '"W" 98 is not a multiple of 4'),  # the demo model: f=4
     ('{"prompt": "a cube", "sampler": "nope"}', "nope"),
     ('{"prompt": "a cube", "steps": 3}', "3"),
     ('["a cube"]', "expected a JSON object"),

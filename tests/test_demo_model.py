@@ -1,7 +1,8 @@
 """The bundled demo model (models/demo, docs/demo-model.md): it loads, follows the prompt with the
 reference samplers, needs guidance, and img2img / inpainting do what they promise. Images are read
 back with the dataset's own checker (``ldm.data.shapes.classify``), so a sampler or loader bug
-shows up as a wrong colour or shape, not as a changed number.
+shows up as a wrong colour or shape, not as a changed number. A shape counts only when drawn
+sharply: the named shape's template IoU at least ``SHARP_IOU`` (0.75).
 
 The accuracy tests run a fixed third of the training combinations (51 prompts, one image each);
 docs/demo-model.md has the figures over all 151 and the 17 held-out ones. Their floors sit a few
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config, read_checkpoint
-from ldm.data.shapes import HELDOUT_COMBOS, TRAIN_COMBOS, agreement, caption, classify, render
+from ldm.data.shapes import HELDOUT_COMBOS, SHARP_IOU, TRAIN_COMBOS, agreement, caption, classify, render
 from ldm.generate import SAFETY_NOT_NEEDED, StableDiffusion, config_needs_safety_checker
 from ldm.training.evaluate import generate
 from tests.helpers import DEMO_CONFIG, DEMO_WEIGHTS, REPO
@@ -46,7 +47,7 @@ def accuracy(model, sampler: str, steps: int, scale: float, prompts=PROMPTS, see
     key = (sampler, steps, scale, tuple(prompts), seed)
     if key not in _accuracy_cache:
         images = generate(model, prompts, sampler=sampler, steps=steps, scale=scale, seed=seed)
-        _accuracy_cache[key] = agreement(list(images), prompts)
+        _accuracy_cache[key] = agreement(list(images), prompts, min_iou=SHARP_IOU)
     return _accuracy_cache[key]
 
 
@@ -61,6 +62,8 @@ def test_demo_file_layout_and_config():
     config = OmegaConf.load(DEMO_CONFIG)
     assert config_needs_safety_checker(config) is False
     assert (config.demo.height, config.demo.width) == (64, 64)
+    f = 2 ** (len(config.model.params.first_stage_config.params.ddconfig.ch_mult) - 1)
+    assert (f, config.model.params.image_size) == (4, 16)  # 16x16 latents: room for sharp edges
 
 
 def test_demo_configs_agree():
@@ -80,7 +83,7 @@ def test_demo_configs_agree():
 def test_follows_training_prompts(model, sampler, steps):
     acc = accuracy(model, sampler, steps, 7.5)
     assert acc["background"] >= 0.96 and acc["shape_colour"] >= 0.94, acc
-    assert acc["all"] >= 0.90, acc  # the issue's target; 98 % measured (50 of 51)
+    assert acc["all"] >= 0.90, acc  # measured: DDIM and DPM-Solver 100 %, PLMS 94 % (48 of 51)
 
 
 def test_composes_held_out_combinations(model):
@@ -88,15 +91,15 @@ def test_composes_held_out_combinations(model):
     docs/demo-model.md: 51 images, seeds 1000...)."""
     prompts = [caption(c) for c in HELDOUT_COMBOS for _ in range(3)]
     acc = accuracy(model, "dpm_solver", 20, 7.5, prompts, seed=1000)
-    assert acc["background"] >= 0.94 and acc["shape_colour"] >= 0.78, acc  # colours never seen together
-    assert acc["all"] >= 0.76, acc
+    assert acc["background"] >= 0.90 and acc["shape_colour"] >= 0.90, acc  # colours never seen together
+    assert acc["all"] >= 0.86, acc  # measured 94 % (48 of 51)
 
 
 def test_guidance_matters(model):
     guided = accuracy(model, "ddim", 50, 7.5)
     unguided = accuracy(model, "ddim", 50, 1.0)
-    assert guided["all"] - unguided["all"] >= 0.25, (guided, unguided)
-    assert guided["shape"] > unguided["shape"]
+    assert guided["all"] - unguided["all"] >= 0.25, (guided, unguided)  # measured 100 % against 47 %
+    assert guided["background"] - unguided["background"] >= 0.25  # unguided, backgrounds go wrong (57 %)
 
 
 def test_same_seed_same_image_any_batch(model):
