@@ -56,7 +56,7 @@ from ldm.errors import UserInputError
 
 __all__ = [
     "COLOURS", "SHAPES", "SHARP_IOU", "Combo", "ALL_COMBOS", "TRAIN_COMBOS", "HELDOUT_COMBOS", "N_HELDOUT",
-    "caption", "parse_caption", "render", "ShapesDataset", "classify", "check", "agreement",
+    "caption", "parse_caption", "render", "ShapesDataset", "classify", "check", "compare", "agreement",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -414,13 +414,15 @@ def check(image: Any, text: str, min_iou: float = 0.0) -> dict[str, Any]:
         template is enough; :data:`SHARP_IOU`: drawn cleanly, not as a rounded diamond).
     :return: ``{"background", "shape_colour", "shape", "all"}`` -> bool; ``iou``: the named shape's IoU.
     """
-    want = parse_caption(text)
-    got = classify(image)
-    iou = float(got["iou"].get(want.shape, 0.0))
-    res: dict[str, Any] = dict(background=got["background"] == want.background,
-                               shape_colour=got["shape_colour"] == want.shape_colour,
-                               shape=got["shape"] == want.shape and iou >= min_iou)
-    return dict(res, all=all(res.values()), iou=iou)
+    want, got = parse_caption(text), classify(image)
+    return dict(compare(got, want, min_iou), iou=float(got["iou"].get(want.shape, 0.0)))
+
+
+def compare(got: dict[str, Any], want: Combo, min_iou: float = 0.0) -> dict[str, bool]:
+    """:func:`check`'s four verdicts on a :func:`classify` reading ``got`` against ``want``."""
+    res = dict(background=got["background"] == want.background, shape_colour=got["shape_colour"] == want.shape_colour,
+               shape=got["shape"] == want.shape and got["iou"].get(want.shape, 0.0) >= min_iou)
+    return dict(res, all=all(res.values()))
 
 
 def agreement(images: Sequence[Any], texts: Sequence[str], min_iou: float = 0.0) -> dict[str, float]:

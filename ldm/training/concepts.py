@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from ldm.data.shapes import _CAPTION_RE, COLOURS, SHAPES, _coverage, classify, render
+from ldm.data.shapes import _CAPTION_RE, COLOURS, SHAPES, Combo, _coverage, classify, compare, render
 from ldm.errors import UserInputError
 
 __all__ = ["CONCEPT_SHAPES", "INNER_RADIUS", "render_concept", "ConceptDataset", "classify_concept",
@@ -172,12 +172,7 @@ def check_concept(image: Any, text: str) -> dict[str, bool]:
     m = _CAPTION_RE.fullmatch(text.strip().lower())
     if m is None:
         raise UserInputError(f"caption {text!r} does not read 'a {{colour}} {{shape}} on a {{colour}} background'")
-    colour, shape, background = _check(m.groups())
-    got = classify_concept(image)
-    res = {"background": got["background"] == background, "shape_colour": got["shape_colour"] == colour,
-           "shape": got["shape"] == shape}
-    res["all"] = all(res.values())
-    return res
+    return compare(classify_concept(image), Combo(*_check(m.groups())))
 
 
 def evaluate_prompt(config: str, ckpt: str, prompt: str, n: int = 50, seed: int = 0, sampler: str = "ddim",
