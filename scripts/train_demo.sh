@@ -2,11 +2,14 @@
 # Reproduce the bundled demo model on a CPU: the two-stage recipe of the original toolkit.
 #   1. train the autoencoder (configs/demo/demo-autoencoder.yaml): VAE_STEPS steps on 32x32
 #      images (4x cheaper), then VAE_STEPS_64 more at the model's 64x64 (resuming the same run)
-#   2. train the latent diffusion model on the frozen autoencoder (configs/demo/demo-ldm.yaml)
+#   2. train the latent diffusion model on the frozen autoencoder (configs/demo/demo-ldm.yaml):
+#      LDM_STEPS steps in all, the last OFFSET_STEPS of them (resuming the same run) with offset
+#      noise OFFSET_NOISE (model.params.offset_noise_level; see docs/demo-model.md)
 #   3. export the EMA weights (float16, 18 MB) + inference config to models/demo/demo.safetensors
 #      and configs/demo/demo-txt2img.yaml
 # Usage (from anywhere):  scripts/train_demo.sh
-# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (600), LDM_STEPS (3000), SEED (23),
+# Knobs (environment): PYTHON, LOGDIR (logs), VAE_STEPS (2000), VAE_STEPS_64 (600), LDM_STEPS (3000), OFFSET_STEPS (1000),
+#   OFFSET_NOISE (0.1), SEED (23),
 #   OUT (models/demo/demo.safetensors), OUT_CONFIG (configs/demo/demo-txt2img.yaml),
 #   VAE_RUN (a finished autoencoder run of this script, logs/<time>_demo-vae: skip stage 1 and train the
 #   diffusion model on that autoencoder).
@@ -19,6 +22,8 @@ LOGDIR=${LOGDIR:-logs}
 VAE_STEPS=${VAE_STEPS:-2000}
 VAE_STEPS_64=${VAE_STEPS_64:-600}
 LDM_STEPS=${LDM_STEPS:-3000}
+OFFSET_STEPS=${OFFSET_STEPS:-1000}
+OFFSET_NOISE=${OFFSET_NOISE:-0.1}
 VAE_RUN=${VAE_RUN:-}
 SEED=${SEED:-23}
 OUT=${OUT:-models/demo/demo.safetensors}
@@ -27,6 +32,10 @@ OUT_CONFIG=${OUT_CONFIG:-configs/demo/demo-txt2img.yaml}
 # OpenMP threads slow training several times over when other processes run.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
+if [ "$OFFSET_STEPS" -ge "$LDM_STEPS" ]; then
+    echo "error: OFFSET_STEPS=$OFFSET_STEPS must be smaller than LDM_STEPS=$LDM_STEPS" >&2
+    exit 2
+fi
 if [ -e "$OUT" ]; then
     echo "error: $OUT exists; move it away or set OUT=another/path.safetensors" >&2
     exit 2
@@ -51,10 +60,14 @@ t1=$(date +%s)
 echo "autoencoder: $vae_run ($((t1 - t0)) s)"
 
 "$PYTHON" main.py --base configs/demo/demo-ldm.yaml -t --name demo-ldm --logdir "$LOGDIR" \
-    --seed "$SEED" --max_steps "$LDM_STEPS" \
+    --seed "$SEED" --max_steps "$((LDM_STEPS - OFFSET_STEPS))" \
     "model.params.first_stage_config.params.ckpt_path=$vae_run/checkpoints/last.ckpt" \
     "model.params.scheduler_config.params.cycle_lengths=[$LDM_STEPS]"
 ldm_run=$(ls -td "$LOGDIR"/*_demo-ldm | head -n 1)
+if [ "$OFFSET_STEPS" -gt 0 ]; then
+    "$PYTHON" main.py --resume "$ldm_run" -t --seed "$SEED" \
+        "model.params.offset_noise_level=$OFFSET_NOISE" "lightning.trainer.max_steps=$LDM_STEPS"
+fi
 t2=$(date +%s)
 echo "latent diffusion: $ldm_run ($((t2 - t1)) s)"
 

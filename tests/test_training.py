@@ -204,6 +204,28 @@ def test_diffusion_trainer_lowers_loss_and_updates_ema():
     assert not torch.equal(model.cond_stage_model.transformer.text_model.final_layer_norm.weight, text0)
 
 
+def test_offset_noise():
+    """offset_noise_level adds one normal draw per sample and channel, the same at every position, to
+    the standard training noise; 0 (the default) leaves the noise and its random stream untouched."""
+    torch.manual_seed(0)
+    plain = instantiate_model(run_config(LDM)["model"])
+    offset = instantiate_model(run_config(LDM, offset_noise_level=0.5)["model"])
+    x = torch.zeros(2048, 4, 8, 8)
+    torch.manual_seed(1)
+    base = torch.randn_like(x)
+    torch.manual_seed(1)
+    assert torch.equal(plain.training_noise(x), base)
+    torch.manual_seed(1)
+    noise = offset.training_noise(x)
+    shift = noise - base
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant over positions
+    # per-channel means over the 64 positions: variance 1/64 without offset, 1/64 + 0.25 with it
+    assert abs(base.mean((2, 3)).var().item() - 1 / 64) < 0.003
+    assert abs(noise.mean((2, 3)).var().item() - (1 / 64 + 0.25)) < 0.03
+    with pytest.raises(ValueError, match="offset_noise_level"):
+        instantiate_model(run_config(LDM, offset_noise_level=-0.1)["model"])
+
+
 def test_ema_update_rule():
     model = instantiate_model(LDM)
     module = DiffusionTrainer(model)
@@ -372,10 +394,11 @@ def test_export_bakes_ema_and_keeps_schedule_float32(tmp_path):
 
 def test_train_demo_script_end_to_end(tmp_path):
     """The documented one-command recipe (scripts/train_demo.sh) with a few steps per stage: both
-    autoencoder phases, the diffusion stage on that autoencoder, the export; the file loads with the
-    project's loader and draws images. Then VAE_RUN reuses the autoencoder, and bad input is refused."""
+    autoencoder phases, both diffusion phases (the second with offset noise) on that autoencoder, the
+    export; the file loads with the project's loader and draws images. Then VAE_RUN reuses the
+    autoencoder, and bad input is refused."""
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", LOGDIR=str(tmp_path / "logs"),
-               VAE_STEPS="2", VAE_STEPS_64="1", LDM_STEPS="2", OUT=str(tmp_path / "demo.safetensors"),
+               VAE_STEPS="2", VAE_STEPS_64="1", LDM_STEPS="3", OFFSET_STEPS="1", OUT=str(tmp_path / "demo.safetensors"),
                OUT_CONFIG=str(tmp_path / "demo.yaml"))
     script = str(REPO / "scripts" / "train_demo.sh")
     proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
@@ -383,8 +406,12 @@ def test_train_demo_script_end_to_end(tmp_path):
     (vae_run,) = (tmp_path / "logs").glob("*_demo-vae")
     assert read_checkpoint(vae_run / "checkpoints" / "last.ckpt").global_step == 3  # 2 at 32x32 + 1 at 64x64
     (ldm_run,) = (tmp_path / "logs").glob("*_demo-ldm")
-    assert read_checkpoint(ldm_run / "checkpoints" / "last.ckpt").global_step == 2
+    assert read_checkpoint(ldm_run / "checkpoints" / "last.ckpt").global_step == 3  # 2 plain + 1 offset
+    first, resumed = sorted((ldm_run / "configs").glob("*-project.yaml"))
+    assert "offset_noise_level" not in OmegaConf.load(first).model.params
+    assert OmegaConf.load(resumed).model.params.offset_noise_level == 0.1
     config = OmegaConf.load(tmp_path / "demo.yaml")
+    assert "offset_noise_level" not in config.model.params  # training-only: export drops it
     assert config.demo.safety_checker is False and (config.demo.height, config.demo.width) == (64, 64)
     model = load_model_from_config(config, tmp_path / "demo.safetensors")
     from ldm.training.evaluate import generate
@@ -398,6 +425,9 @@ def test_train_demo_script_end_to_end(tmp_path):
                                                      VAE_RUN=str(tmp_path / "nowhere")),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "VAE_RUN" in bad.stderr
+    bad = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "b.safetensors"), OFFSET_STEPS="3"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "OFFSET_STEPS" in bad.stderr
     reuse = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "c.safetensors"),
                                                        OUT_CONFIG=str(tmp_path / "c.yaml"), VAE_RUN=str(vae_run)),
                            capture_output=True, text=True, timeout=600)

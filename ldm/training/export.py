@@ -8,7 +8,8 @@ What changes on the way (the reference's releases did the same by hand):
 * a ``scale_factor`` buffer (written by ``scale_by_std: true``) becomes the config's number
   (``scale_by_std: false``, ``scale_factor: <value>``);
 * training-only settings leave the model config: the first stage's ``ckpt_path``, the text
-  encoder's ``freeze: false``, ``cond_stage_trainable``, ``ucg_training``, ``scheduler_config``;
+  encoder's ``freeze: false``, ``cond_stage_trainable``, ``ucg_training``, ``scheduler_config``,
+  ``offset_noise_level``;
 * tensors are stored as float32, or the networks as float16 with ``--half`` (the noise schedule stays
   float32; ``load_model_from_config`` casts the networks back to float32 unless asked otherwise).
 
@@ -35,7 +36,7 @@ from ldm.checkpoint import EMA_PREFIX, UNET_PREFIX, ema_key, load_model_from_con
 log = logging.getLogger(__name__)
 
 TRAINING_ONLY_PARAMS = ("ckpt_path", "ignore_keys", "ucg_training", "scheduler_config", "scale_by_std",
-                        "reset_ema", "reset_num_ema_updates")
+                        "reset_ema", "reset_num_ema_updates", "offset_noise_level")
 
 
 def inference_model_config(model_config: Mapping[str, Any], scale_factor: float) -> dict:

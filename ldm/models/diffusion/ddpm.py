@@ -65,12 +65,15 @@ class DDPM(nn.Module):
                  l_simple_weight: float = 1., conditioning_key: Optional[str] = None,
                  parameterization: str = "eps", scheduler_config=None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0., make_it_fit: bool = False,
-                 ucg_training=None, reset_ema: bool = False, reset_num_ema_updates: bool = False):
+                 ucg_training=None, reset_ema: bool = False, reset_num_ema_updates: bool = False,
+                 offset_noise_level: float = 0.0):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
         if loss_type not in ("l1", "l2"):
             raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+        if offset_noise_level < 0:
+            raise ValueError(f"offset_noise_level must be >= 0, got {offset_noise_level}")
         self.parameterization = parameterization
         self.cond_stage_model = None
         self.clip_denoised = clip_denoised
@@ -92,14 +95,12 @@ class DDPM(nn.Module):
         self.make_it_fit = make_it_fit
         self.ucg_training = ucg_training or {}
         self.loss_type = loss_type
+        self.offset_noise_level = offset_noise_level
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
         self.learn_logvar = learn_logvar
         logvar = torch.full((self.num_timesteps,), float(logvar_init), device="cpu")
-        if learn_logvar:
-            self.logvar = nn.Parameter(logvar)
-        else:
-            self.logvar = logvar
+        self.logvar = nn.Parameter(logvar) if learn_logvar else logvar
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
             if reset_ema and self.use_ema:
@@ -110,11 +111,8 @@ class DDPM(nn.Module):
     # ----------------------------------------------------------------- schedule
     def register_schedule(self, given_betas=None, beta_schedule: str = "linear", timesteps: int = 1000,
                           linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
-        """Compute the schedule in float64 and register each buffer as float32 (as the reference).
-
-        The buffers are always made on the CPU, also when the model is built on the ``meta``
-        device, so a model whose weights come from a file still has a real schedule.
-        """
+        """Compute the schedule in float64 and register each buffer as float32 (as the reference),
+        always on the CPU: a model built on ``meta`` whose weights come from a file keeps a real one."""
         betas = np.asarray(given_betas, dtype=np.float64) if given_betas is not None else \
             make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end,
                                cosine_s=cosine_s)
@@ -236,21 +234,29 @@ class DDPM(nn.Module):
             return x_start
         return self.get_v(x_start, noise, t)
 
+    def training_noise(self, x_start: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) noise plus ``offset_noise_level`` x a draw per sample and channel, constant over the
+        positions (sgm's offset noise): a channel's mean of a noised input then tells the model little,
+        so it does not learn to read an image's mean colour off the start noise (docs/demo-model.md)."""
+        noise = torch.randn_like(x_start)
+        if self.offset_noise_level > 0:
+            shape = x_start.shape[:2] + (1,) * (x_start.ndim - 2)
+            noise = noise + self.offset_noise_level * torch.randn(shape, device=x_start.device, dtype=x_start.dtype)
+        return noise
+
     def p_losses(self, x_start: torch.Tensor, cond: Cond, t: torch.Tensor, noise: Optional[torch.Tensor] = None):
         """The denoising loss at timesteps ``t`` [B]: returns ``(loss, {name: value})``.
 
         loss = l_simple_weight · mean(L_simple / exp(logvar_t) + logvar_t) + original_elbo_weight · L_vlb.
         """
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output = self.apply_model(x_noisy, t, cond)
+        noise = default(noise, lambda: self.training_noise(x_start))
+        model_output = self.apply_model(self.q_sample(x_start=x_start, t=t, noise=noise), t, cond)
         target = self.training_target(x_start, noise, t)
         per_sample = self.get_loss(model_output.float(), target.float(), mean=False).mean(dim=(1, 2, 3))
         prefix = "train" if self.training else "val"
         logvar_t = self.logvar.to(x_start.device)[t]
-        loss = self.l_simple_weight * (per_sample / torch.exp(logvar_t) + logvar_t).mean()
         loss_vlb = (self.lvlb_weights[t] * per_sample).mean()
-        loss = loss + self.original_elbo_weight * loss_vlb
+        loss = self.l_simple_weight * (per_sample / torch.exp(logvar_t) + logvar_t).mean() + self.original_elbo_weight * loss_vlb
         logs = {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss_vlb": loss_vlb.detach(),
                 f"{prefix}/loss": loss.detach()}
         if self.learn_logvar:
