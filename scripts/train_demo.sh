@@ -32,8 +32,8 @@ OUT_CONFIG=${OUT_CONFIG:-configs/demo/demo-txt2img.yaml}
 # OpenMP threads slow training several times over when other processes run.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-if [ "$OFFSET_STEPS" -ge "$LDM_STEPS" ]; then
-    echo "error: OFFSET_STEPS=$OFFSET_STEPS must be smaller than LDM_STEPS=$LDM_STEPS" >&2
+if [ "$OFFSET_STEPS" -lt 0 ] || [ "$OFFSET_STEPS" -ge "$LDM_STEPS" ]; then
+    echo "error: OFFSET_STEPS=$OFFSET_STEPS must be at least 0 and smaller than LDM_STEPS=$LDM_STEPS" >&2
     exit 2
 fi
 if [ -e "$OUT" ]; then

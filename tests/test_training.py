@@ -425,9 +425,11 @@ def test_train_demo_script_end_to_end(tmp_path):
                                                      VAE_RUN=str(tmp_path / "nowhere")),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "VAE_RUN" in bad.stderr
-    bad = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "b.safetensors"), OFFSET_STEPS="3"),
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "OFFSET_STEPS" in bad.stderr
+    for offset_steps in ("3", "-1"):  # the whole diffusion stage, or fewer than none
+        bad = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "b.safetensors"),
+                                                         OFFSET_STEPS=offset_steps),
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "OFFSET_STEPS" in bad.stderr
     reuse = subprocess.run(["bash", script], env=dict(env, OUT=str(tmp_path / "c.safetensors"),
                                                        OUT_CONFIG=str(tmp_path / "c.yaml"), VAE_RUN=str(vae_run)),
                            capture_output=True, text=True, timeout=600)
